@@ -1,0 +1,101 @@
+"""Atomic file/directory writes and JSON helpers with clear errors.
+
+Every stage writes to a temporary sibling and renames it into place, so a failed
+stage never leaves a partial output behind (design.md, conventions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from vlpipe.errors import InputError
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary directory that replaces ``final`` on success.
+
+    On an exception the temporary directory is removed and ``final`` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(final: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[Any]:
+    """Open a temporary file next to ``final``; rename it over ``final`` on success."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    os.close(fd)
+    try:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:
+    """Write JSON atomically with sorted keys (stable bytes for DVC and diffs)."""
+    with atomic_file(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+
+
+def read_json(path: str | Path) -> Any:
+    """Read JSON, raising :class:`InputError` naming the file on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise InputError(path, f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    except UnicodeDecodeError as e:
+        raise InputError(path, f"not UTF-8 text: {e}") from e
+
+
+def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
+    """Write a DVC metrics file: rounded floats so bytes are stable across runs."""
+    write_json(path, _round(metrics))
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """Read the ``meta.json`` an upstream stage wrote (size facts flow downstream)."""
+    return read_json(Path(directory) / "meta.json")
+
+
+def _round(x: Any) -> Any:
+    if isinstance(x, float):
+        return round(x, 6)
+    if isinstance(x, dict):
+        return {k: _round(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_round(v) for v in x]
+    return x
