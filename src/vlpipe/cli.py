@@ -1,0 +1,154 @@
+"""`vlpipe <stage> ...`: the one command line that dvc.yaml calls.
+
+Each command is a thin shell over a stage function in ``vlpipe.stages``: it names the
+params file and the repository root, nothing else. Library imports happen inside the
+commands so ``vlpipe --help`` stays fast. A :class:`~vlpipe.errors.VlpipeError` (bad
+params, bad input file, mismatched checkpoint) is printed as one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vlpipe.errors import VlpipeError
+
+app = typer.Typer(
+    name="vlpipe",
+    help="Reproducible vision-language pre-training pipeline (LXMERT, X-LXMERT, VLP, X-VLM).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+import_app = typer.Typer(help="Import users' existing feature files and reference checkpoints.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (the single source of settings)")]
+RootOpt = Annotated[Path, typer.Option("--root", help="repository root: data/, models/, metrics/ live here")]
+
+
+@app.command()
+def world(
+    params: ParamsOpt = Path("params.yaml"),
+    root: RootOpt = Path("."),
+    preview: Annotated[
+        int | None,
+        typer.Option(help="only write a PNG contact sheet of N val scenes of the existing world, with captions"),
+    ] = None,
+    preview_out: Annotated[Path, typer.Option(help="where --preview writes")] = Path("reports/world_preview.png"),
+) -> None:
+    """Stage `world`: generate the synthetic shapes world into data/world (params: world)."""
+    from vlpipe.stages import world as stage
+
+    if preview is not None:
+        stage.preview(root, preview, root / preview_out)
+    else:
+        stage.run(params, root)
+
+
+@app.command()
+def tokenizer(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Stage `tokenizer`: train a WordPiece vocab on the world's training text (params: tokenizer)."""
+    from vlpipe.stages import tokenizer as stage
+
+    stage.run(params, root)
+
+
+@app.command()
+def detector(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Stage `detector`: train the small object/attribute detector on the world (params: detector)."""
+    from vlpipe.stages import features as stage
+
+    stage.run_detector(params, root)
+
+
+@app.command()
+def features(
+    kind: Annotated[str, typer.Argument(help="region (LXMERT/VLP) or grid (X-LXMERT)")],
+    params: ParamsOpt = Path("params.yaml"),
+    root: RootOpt = Path("."),
+) -> None:
+    """Stage `features@KIND`: region or grid features into a memory-mapped store (params: features.KIND)."""
+    from vlpipe.stages import features as stage
+
+    stage.run_features(kind, params, root)
+
+
+@app.command()
+def codebook(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Stage `codebook`: faiss k-means over training grid features (params: codebook)."""
+    from vlpipe.stages import features as stage
+
+    stage.run_codebook(params, root)
+
+
+@import_app.command("tsv")
+def import_tsv(
+    tsv: Annotated[Path, typer.Argument(help="LXMERT / bottom-up-attention region feature TSV")],
+    out: Annotated[Path, typer.Argument(help="store directory to write, e.g. data/features/region")],
+) -> None:
+    """Import an LXMERT region-feature TSV into a memory-mapped feature store."""
+    from vlpipe.features.store import import_lxmert_tsv
+
+    info = import_lxmert_tsv(tsv, out)
+    typer.echo(f"imported {info} into {out}")
+
+
+@import_app.command("hdf5")
+def import_hdf5(
+    h5: Annotated[Path, typer.Argument(help="X-LXMERT grid-feature HDF5 (one group per img_id)")],
+    out: Annotated[Path, typer.Argument(help="store directory to write, e.g. data/features/grid")],
+) -> None:
+    """Import X-LXMERT grid features (HDF5) into a memory-mapped feature store."""
+    from vlpipe.features.store import import_xlxmert_hdf5
+
+    info = import_xlxmert_hdf5(h5, out)
+    typer.echo(f"imported {info} into {out}")
+
+
+@app.command("export-tsv")
+def export_tsv(
+    store: Annotated[Path, typer.Argument(help="region feature store directory")],
+    tsv: Annotated[Path, typer.Argument(help="TSV file to write (LXMERT format)")],
+) -> None:
+    """Export a region feature store to the LXMERT TSV format."""
+    from vlpipe.features.store import export_lxmert_tsv
+
+    export_lxmert_tsv(store, tsv)
+
+
+@app.command("check-params")
+def check_params(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Validate params.yaml strictly and print nothing but 'ok' (or the errors)."""
+    from vlpipe.config import load_params
+
+    load_params(params)
+    typer.echo("ok")
+
+
+def main() -> None:
+    """Console entry point: run the app; user-facing errors become one line and exit 2."""
+    try:
+        app(standalone_mode=False)
+    except VlpipeError as e:
+        print(f"vlpipe: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("vlpipe: aborted", file=sys.stderr)
+        sys.exit(1)
+    except Exception as e:  # click usage errors arrive here in standalone_mode=False
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Strict params validation: unknown keys, wrong types and bad ranges fail, naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vlpipe.config import Params, ParamsError, dump_defaults, load_params, load_section
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_repo_params_file_is_valid(repo_root: Path) -> None:
+    params = load_params(repo_root / "params.yaml")
+    assert isinstance(params, Params)
+
+
+def test_repo_params_file_sets_every_default_key(repo_root: Path) -> None:
+    """params.yaml is the single source of truth: every setting is written there."""
+
+    def keys(d: dict, prefix: str = "") -> set[str]:
+        out = set()
+        for k, v in d.items():
+            out.add(prefix + k)
+            if isinstance(v, dict):
+                out |= keys(v, prefix + k + ".")
+        return out
+
+    on_disk = yaml.safe_load((repo_root / "params.yaml").read_text())
+    missing = keys(dump_defaults()) - keys(on_disk)
+    assert not missing, f"params.yaml lacks keys: {sorted(missing)}"
+
+
+def test_unknown_key_is_rejected_with_path(tmp_path: Path) -> None:
+    data = dump_defaults()
+    data["world"]["scene"]["n_trian"] = 5
+    with pytest.raises(ParamsError) as e:
+        load_params(_write(tmp_path, data))
+    msg = str(e.value)
+    assert "params.yaml" in msg and "world.scene.n_trian" in msg and "unknown key" in msg
+
+
+def test_unknown_section_is_rejected(tmp_path: Path) -> None:
+    data = dump_defaults()
+    data["wrold"] = {}
+    with pytest.raises(ParamsError, match="wrold: unknown key"):
+        load_params(_write(tmp_path, data))
+
+
+def test_wrong_type_is_rejected_without_coercion(tmp_path: Path) -> None:
+    data = dump_defaults()
+    data["world"]["scene"]["n_train"] = "100"  # a string is not an int, even if it looks like one
+    with pytest.raises(ParamsError) as e:
+        load_params(_write(tmp_path, data))
+    assert "world.scene.n_train" in str(e.value) and "'100'" in str(e.value)
+
+
+def test_yaml_exponent_without_dot_is_a_type_error(tmp_path: Path) -> None:
+    # PyYAML reads `2e-3` as a string: strict validation must say so instead of guessing.
+    p = tmp_path / "params.yaml"
+    p.write_text("detector:\n  lr: 2e-3\n")
+    with pytest.raises(ParamsError, match="detector.lr"):
+        load_params(p)
+
+
+def test_out_of_range_is_rejected(tmp_path: Path) -> None:
+    data = dump_defaults()
+    data["world"]["scene"]["max_occlusion"] = 1.5
+    with pytest.raises(ParamsError, match="world.scene.max_occlusion"):
+        load_params(_write(tmp_path, data))
+
+
+def test_malformed_yaml_and_missing_file(tmp_path: Path) -> None:
+    p = tmp_path / "params.yaml"
+    p.write_text("world: [unclosed\n")
+    with pytest.raises(ParamsError, match="malformed YAML"):
+        load_params(p)
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_load_section_returns_only_that_section(tmp_path: Path) -> None:
+    data = dump_defaults()
+    data["tokenizer"]["vocab_size"] = 321
+    sec = load_section("tokenizer", _write(tmp_path, data))
+    assert sec.vocab_size == 321 and not hasattr(sec, "scene")
+
+
+def test_cli_reports_params_error_and_exits_nonzero(tmp_path: Path) -> None:
+    data = dump_defaults()
+    data["codebook"]["k"] = "many"
+    p = _write(tmp_path, data)
+    r = subprocess.run(
+        [sys.executable, "-m", "vlpipe", "check-params", "--params", str(p)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    assert "codebook.k" in r.stderr and str(p) in r.stderr and "Traceback" not in r.stderr
