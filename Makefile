@@ -13,11 +13,11 @@ $(BIN)/vlpipe: pyproject.toml
 
 ## make run: set up .venv and run the whole pipeline on the embedded default (shapes world)
 run: $(BIN)/vlpipe
-	$(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 ## make test: set up .venv if needed and run the test suite
 test: $(BIN)/vlpipe
-	$(BIN)/python -m pytest -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
 
 lint: $(BIN)/vlpipe
 	$(BIN)/ruff check src tests benchmarks

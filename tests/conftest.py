@@ -18,3 +18,34 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def repo_root() -> Path:
     return REPO
+
+
+def tiny_overrides() -> dict:
+    """Overrides of the default params that make the whole DAG run in seconds."""
+    return {
+        "world": {
+            "scene": {"n_train": 48, "n_val": 16, "n_test": 16},
+            "text": {"nlvr2_sentences": {"train": 12, "val": 6, "test": 6}},
+        },
+        "tokenizer": {"vocab_size": 200},
+        "detector": {"epochs": 1, "channels": [8, 16], "feature_dim": 16, "batch_size": 16},
+        "features": {"region": {"num_boxes": 8}},
+        "codebook": {"k": 8, "iterations": 3},
+    }
+
+
+def deep_update(base: dict, over: dict) -> dict:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+@pytest.fixture
+def tiny_params() -> dict:
+    """The default params with :func:`tiny_overrides` applied (plain data)."""
+    from vlpipe.config import dump_defaults
+
+    return deep_update(dump_defaults(), tiny_overrides())

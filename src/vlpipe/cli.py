@@ -85,6 +85,45 @@ def codebook(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."))
     stage.run_codebook(params, root)
 
 
+@app.command()
+def pretrain(
+    model: Annotated[str, typer.Argument(help="lxmert")],
+    params: ParamsOpt = Path("params.yaml"),
+    root: RootOpt = Path("."),
+) -> None:
+    """Stage `pretrain@MODEL`: pre-train a vision-language model (params: pretrain.MODEL)."""
+    from vlpipe.stages import lxmert
+
+    runners = {"lxmert": lxmert.run_pretrain}
+    if model not in runners:
+        raise VlpipeError(f"unknown model {model!r}; expected one of {sorted(runners)}")
+    runners[model](params, root)
+
+
+@app.command()
+def finetune(
+    key: Annotated[str, typer.Argument(help="<model>-<task>, e.g. lxmert-vqa")],
+    params: ParamsOpt = Path("params.yaml"),
+    root: RootOpt = Path("."),
+) -> None:
+    """Stage `finetune@KEY`: fine-tune on a downstream task, val metrics (params: finetune.KEY)."""
+    from vlpipe.stages import lxmert
+
+    lxmert.run_finetune(key, params, root)
+
+
+@app.command()
+def submit(
+    key: Annotated[str, typer.Argument(help="<model>-<task>, e.g. lxmert-vqa")],
+    params: ParamsOpt = Path("params.yaml"),
+    root: RootOpt = Path("."),
+) -> None:
+    """Stage `submit@KEY`: official test submission file + local leaderboard score."""
+    from vlpipe.stages import lxmert
+
+    lxmert.run_submit(key, params, root)
+
+
 @import_app.command("tsv")
 def import_tsv(
     tsv: Annotated[Path, typer.Argument(help="LXMERT / bottom-up-attention region feature TSV")],

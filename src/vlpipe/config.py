@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vlpipe.errors import VlpipeError
 
@@ -60,7 +60,37 @@ class SceneParams(Strict):
     texture_prob: float = Field(0.3, ge=0.0, le=1.0, description="chance an object is textured")
     noise_std: float = Field(8.0, ge=0.0, description="std of Gaussian pixel noise (0-255 scale)")
     clutter: int = Field(3, ge=0, description="max number of clutter strokes per image")
-    max_occlusion: float = Field(0.4, ge=0.0, lt=1.0, description="max hidden fraction of any object")
+    max_occlusion: float = Field(0.3, ge=0.0, lt=1.0, description="max hidden fraction of any object")
+    size_fractions: dict[str, float] = Field(
+        default_factory=lambda: {"small": 0.22, "medium": 0.3, "large": 0.38},
+        description="object side (longer bbox side) as a fraction of image_size, per size name",
+    )
+    repeat_prob: float = Field(
+        0.6,
+        ge=0.0,
+        le=1.0,
+        description="chance a scene repeats one colour (and, independently, one shape) on 2+ objects, "
+        "so that counting answers 2..max_objects occur often",
+    )
+    placement_tries: int = Field(60, ge=1, description="random positions tried per object before shrinking/dropping it")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SceneParams:
+        if self.min_objects > self.max_objects:
+            raise ValueError(f"min_objects ({self.min_objects}) > max_objects ({self.max_objects})")
+        for key in ("shapes", "colors", "sizes", "textures"):
+            names = getattr(self, key)
+            if len(set(names)) != len(names):
+                raise ValueError(f"{key}: duplicate names in {names}")
+        if "plain" not in self.textures:
+            raise ValueError(f"textures: must include 'plain' (got {self.textures})")
+        missing = [s for s in self.sizes if s not in self.size_fractions]
+        if missing:
+            raise ValueError(f"sizes {missing} have no entry in size_fractions")
+        bad = {k: v for k, v in self.size_fractions.items() if not 0.05 <= v <= 0.9}
+        if bad:
+            raise ValueError(f"size_fractions must lie in [0.05, 0.9] (got {bad})")
+        return self
 
 
 class TextParams(Strict):
@@ -77,12 +107,30 @@ class TextParams(Strict):
     )
     nlvr2_pairs_per_sentence: int = Field(4, ge=2, description="image pairs per NLVR2 sentence")
     refs_per_image: int = Field(2, ge=1, description="referring expressions per image")
+    answer_variant_prob: float = Field(
+        0.1, ge=0.0, le=1.0,
+        description="chance an annotator writes an answer in another form (\"Two\", \"red.\", \"a circle\")",
+    )
+    relation_margin: float = Field(
+        0.08, ge=0.0, lt=0.5,
+        description="box-centre distance (fraction of the image side) under which left/right/above/below "
+        "is undefined and never asked",
+    )
+
+    @model_validator(mode="after")
+    def _known_splits(self) -> TextParams:
+        unknown = sorted(set(self.nlvr2_sentences) - {"train", "val", "test"})
+        if unknown:
+            raise ValueError(f"nlvr2_sentences: unknown split(s) {unknown} (expected train, val, test)")
+        if any(n < 0 for n in self.nlvr2_sentences.values()):
+            raise ValueError(f"nlvr2_sentences: counts must be >= 0 (got {self.nlvr2_sentences})")
+        return self
 
 
 class WorldParams(Strict):
     """Stage ``world``: the seeded synthetic shapes world."""
 
-    seed: int = Field(0, description="master seed; same seed gives the same bytes")
+    seed: int = Field(0, ge=0, description="master seed; same seed gives the same bytes")
     scene: SceneParams = Field(default_factory=SceneParams)
     text: TextParams = Field(default_factory=TextParams)
 
@@ -110,6 +158,10 @@ class DetectorParams(Strict):
     channels: list[int] = Field(default_factory=lambda: [32, 64, 128], min_length=1)
     feature_dim: int = Field(128, ge=8, description="dimension of pooled RoI / grid features")
     roi_size: int = Field(4, ge=1, description="RoIAlign output side before pooling")
+    roi_hidden: int = Field(256, ge=8, description="hidden width of the RoI-head MLP")
+    sampling_ratio: int = Field(2, ge=0, description="RoIAlign samples per bin and axis (0: adaptive)")
+    jitter_per_box: int = Field(2, ge=0, description="jittered copies of each GT box trained in the RoI head")
+    random_rois: int = Field(4, ge=0, description="random (mostly background) RoIs per training image")
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0)
@@ -149,7 +201,192 @@ class CodebookParams(Strict):
     seed: int = 0
 
 
+# ------------------------------------------------------------------------ training
+
+
+class TrainParams(Strict):
+    """Settings of the shared training loop (``vlpipe.train.fit``), one per training stage.
+
+    ``batch_size`` is the *global* batch of one optimizer step (all processes and all
+    accumulation micro-steps together), so the data order and the result do not depend on
+    how many processes ``torchrun`` starts. LXMERT pre-training (formats.md §7): bertadam,
+    lr 1e-4, warmup 0.05, wd 0.01, clip 1.0, batch 256, 20 epochs.
+    """
+
+    seed: int = Field(0, ge=0, description="seeds python/numpy/torch and the data order")
+    epochs: int = Field(1, ge=1, description="passes over the training set (ignored with max_steps)")
+    max_steps: int | None = Field(None, ge=1, description="total optimizer steps; overrides epochs")
+    batch_size: int = Field(32, ge=1, description="global batch per optimizer step")
+    grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step (per process)")
+    optimizer: Literal["adamw", "bertadam"] = Field(
+        "adamw", description="adamw (bias-corrected) or bertadam (LXMERT's: no bias correction)"
+    )
+    lr: float = Field(1e-4, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.01, ge=0, description="decoupled; never on biases and LayerNorm")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    eps: float = Field(1e-6, gt=0, description="Adam epsilon (BERT/LXMERT use 1e-6)")
+    warmup_ratio: float = Field(0.05, ge=0, le=1, description="fraction of steps of linear warmup")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="global gradient-norm clip; null: off")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "bf16", description="autocast dtype on a GPU; always off on CPU (bitwise determinism)"
+    )
+    checkpoint_every: int = Field(200, ge=1, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept in run_dir/checkpoints")
+    log_every: int = Field(10, ge=1, description="optimizer steps between DVCLive/TensorBoard rows")
+    eval_every: int | None = Field(None, ge=1, description="steps between eval_fn calls (and at the end)")
+    shuffle: bool = Field(True, description="seeded shuffle of the training set each epoch")
+    num_workers: int = Field(0, ge=0, description="DataLoader workers; 0 keeps resume bitwise exact")
+    find_unused_parameters: bool = Field(False, description="DDP option for models with unused heads")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainParams:
+        if self.beta2 <= self.beta1:
+            raise ValueError(f"beta2 ({self.beta2}) must exceed beta1 ({self.beta1})")
+        return self
+
+
+# -------------------------------------------------------------------------- models
+
+
+class LxmertModelParams(Strict):
+    """LXMERT (Tan & Bansal 2019) sizes and pre-training recipe.
+
+    The defaults are the ``tiny`` preset for the CPU shapes world; ``LxmertModelParams.preset
+    ("base")`` gives the paper's sizes (formats.md §6). Sizes decided upstream are *not* here:
+    visual feature and box dims come from the feature store's meta.json, the vocabulary size
+    from the tokenizer, object/attribute label counts from the detector's meta.json and the
+    number of answers from the data.
+    """
+
+    # ---- encoder sizes
+    hidden_size: int = Field(128, ge=8, description="width of every layer (base: 768)")
+    num_attention_heads: int = Field(4, ge=1, description="heads per attention (base: 12)")
+    intermediate_size: int = Field(512, ge=8, description="FFN inner width (base: 3072)")
+    l_layers: int = Field(2, ge=1, description="language-only layers (base: 9)")
+    x_layers: int = Field(1, ge=1, description="cross-modality layers (base: 5)")
+    r_layers: int = Field(1, ge=1, description="vision-only (relational) layers (base: 5)")
+    hidden_dropout_prob: float = Field(0.1, ge=0, lt=1)
+    attention_probs_dropout_prob: float = Field(0.1, ge=0, lt=1)
+    max_text_length: int = Field(20, ge=4, description="tokens per sentence incl. [CLS]/[SEP] (LXMERT: 20)")
+    max_position_embeddings: int = Field(64, ge=4, description="position table size (base: 512)")
+    type_vocab_size: int = Field(2, ge=1)
+    initializer_range: float = Field(0.02, gt=0, description="std of the normal weight init")
+    # ---- pre-training tasks (formats.md §7)
+    task_mlm: bool = Field(True, description="masked language modelling")
+    task_matched: bool = Field(True, description="image-sentence matching")
+    task_obj: bool = Field(True, description="masked object classification (detector labels)")
+    task_attr: bool = Field(True, description="masked attribute classification (detector labels)")
+    task_feat: bool = Field(True, description="masked feature regression (SmoothL1)")
+    task_qa: bool = Field(True, description="question answering over the pre-training answer table")
+    qa_loss: Literal["ce", "bce"] = Field(
+        "ce", description="ce: soft-target cross-entropy (reference); bce: BCE x num_answers"
+    )
+    visual_loss_weight: float = Field(6.67, ge=0, description="multiplies each visual loss (obj/attr/feat)")
+    # ---- masking recipe (formats.md §7)
+    mlm_prob: float = Field(0.15, ge=0, le=1, description="fraction of word tokens masked")
+    mlm_mask_frac: float = Field(0.8, ge=0, le=1, description="of masked tokens: replaced by [MASK]")
+    mlm_random_frac: float = Field(0.1, ge=0, le=1, description="of masked tokens: random token")
+    obj_mask_prob: float = Field(0.15, ge=0, le=1, description="fraction of boxes masked")
+    obj_zero_frac: float = Field(0.8, ge=0, le=1, description="of masked boxes: feature zeroed")
+    obj_swap_frac: float = Field(0.1, ge=0, le=1, description="of masked boxes: feature of another image")
+    match_swap_prob: float = Field(0.5, ge=0, le=1, description="chance the sentence is swapped (mismatch)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LxmertModelParams:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.max_text_length > self.max_position_embeddings:
+            raise ValueError(
+                f"max_text_length ({self.max_text_length}) exceeds max_position_embeddings "
+                f"({self.max_position_embeddings})"
+            )
+        if self.mlm_mask_frac + self.mlm_random_frac > 1:
+            raise ValueError("mlm_mask_frac + mlm_random_frac must be <= 1 (the rest is kept)")
+        if self.obj_zero_frac + self.obj_swap_frac > 1:
+            raise ValueError("obj_zero_frac + obj_swap_frac must be <= 1 (the rest is kept)")
+        return self
+
+    @classmethod
+    def preset(cls, name: Literal["tiny", "base"], **overrides: Any) -> LxmertModelParams:
+        """``tiny`` (the defaults) or ``base`` (768, 12 heads, 3072, 9/5/5, 512 positions)."""
+        sizes = {"tiny": {}, "base": LXMERT_BASE_SIZES}
+        if name not in sizes:
+            raise ValueError(f"unknown LXMERT preset {name!r}; choose one of {sorted(sizes)}")
+        return cls(**{**sizes[name], **overrides})
+
+
+LXMERT_BASE_SIZES: dict[str, Any] = {
+    "hidden_size": 768,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "l_layers": 9,
+    "x_layers": 5,
+    "r_layers": 5,
+    "max_position_embeddings": 512,
+}
+
+
 # -------------------------------------------------------------------------- all
+
+
+# ---------------------------------------------------------------- pre-training / tasks
+
+
+class LxmertPretrainParams(Strict):
+    """Stage ``pretrain@lxmert``: LXMERT pre-training on region features (formats.md §7)."""
+
+    model: LxmertModelParams = Field(default_factory=LxmertModelParams)
+    train: TrainParams = Field(
+        default_factory=lambda: TrainParams(
+            optimizer="bertadam", lr=1e-3, batch_size=128, epochs=6, warmup_ratio=0.05, eval_every=None
+        )
+    )
+    init: str | None = Field(None, description="start from a local HF dir or model_LXRT.pth instead of random")
+    min_answer_count: int = Field(1, ge=1, description="answers seen fewer times leave the pre-training table")
+    eval_batch_size: int = Field(256, ge=1)
+    val_max_examples: int | None = Field(4000, ge=1, description="cap on val examples for the loss metrics")
+
+
+class PretrainParams(Strict):
+    """Section ``pretrain``: one entry per model (stage ``pretrain@<model>``)."""
+
+    lxmert: LxmertPretrainParams = Field(default_factory=LxmertPretrainParams)
+
+
+MODEL_TASKS: dict[str, tuple[str, ...]] = {"lxmert": ("vqa", "gqa", "nlvr2")}
+
+
+class FinetuneParams(Strict):
+    """One ``finetune.<model>-<task>`` entry (stages ``finetune@<key>`` and ``submit@<key>``).
+
+    ``init``: ``pretrained`` (the output of ``pretrain@<model>``), ``scratch`` (same
+    architecture, random weights: the baseline that shows what pre-training buys) or a path
+    to a reference checkpoint (HF directory, ``model_LXRT.pth`` or ``BEST.pth``).
+    """
+
+    model: Literal["lxmert"]
+    task: Literal["vqa", "gqa", "nlvr2"]
+    init: str = "pretrained"
+    train: TrainParams = Field(default_factory=lambda: TrainParams(lr=5e-4, batch_size=64, epochs=4))
+    eval_batch_size: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _pair(self) -> FinetuneParams:
+        if self.task not in MODEL_TASKS[self.model]:
+            raise ValueError(f"task {self.task!r} is not available for model {self.model!r}")
+        return self
+
+
+def _default_finetune() -> dict[str, FinetuneParams]:
+    return {
+        "lxmert-vqa": FinetuneParams(model="lxmert", task="vqa"),
+        "lxmert-gqa": FinetuneParams(model="lxmert", task="gqa"),
+        "lxmert-nlvr2": FinetuneParams(model="lxmert", task="nlvr2"),
+    }
 
 
 class Params(Strict):
@@ -160,6 +397,15 @@ class Params(Strict):
     detector: DetectorParams = Field(default_factory=DetectorParams)
     features: FeaturesParams = Field(default_factory=FeaturesParams)
     codebook: CodebookParams = Field(default_factory=CodebookParams)
+    pretrain: PretrainParams = Field(default_factory=PretrainParams)
+    finetune: dict[str, FinetuneParams] = Field(default_factory=_default_finetune)
+
+    @model_validator(mode="after")
+    def _finetune_keys(self) -> Params:
+        for key, item in self.finetune.items():
+            if key != f"{item.model}-{item.task}":
+                raise ValueError(f"finetune key {key!r} must be '<model>-<task>' = {item.model}-{item.task!r}")
+        return self
 
 
 S = TypeVar("S", bound=BaseModel)
