@@ -49,3 +49,16 @@ def tiny_params() -> dict:
     from vlpipe.config import dump_defaults
 
     return deep_update(dump_defaults(), tiny_overrides())
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny generated world (data/world layout), shared by the tests that read world files."""
+    from vlpipe.config import WorldParams
+    from vlpipe.data.world import generate_world
+
+    out = tmp_path_factory.mktemp("world") / "world"
+    out.mkdir()
+    params = WorldParams.model_validate(deep_update(WorldParams().model_dump(mode="json"), tiny_overrides()["world"]))
+    generate_world(params, out)
+    return out

@@ -268,7 +268,7 @@ class LxmertModelParams(Strict):
     r_layers: int = Field(1, ge=1, description="vision-only (relational) layers (base: 5)")
     hidden_dropout_prob: float = Field(0.1, ge=0, lt=1)
     attention_probs_dropout_prob: float = Field(0.1, ge=0, lt=1)
-    max_text_length: int = Field(20, ge=4, description="tokens per sentence incl. [CLS]/[SEP] (LXMERT: 20)")
+    max_text_length: int = Field(40, ge=4, description="tokens per sentence incl. [CLS]/[SEP] (LXMERT: 20; world captions need ~40)")
     max_position_embeddings: int = Field(64, ge=4, description="position table size (base: 512)")
     type_vocab_size: int = Field(2, ge=1)
     initializer_range: float = Field(0.02, gt=0, description="std of the normal weight init")
@@ -331,6 +331,389 @@ LXMERT_BASE_SIZES: dict[str, Any] = {
 
 
 # -------------------------------------------------------------------------- all
+
+
+XLXMERT_TASKS = ("mlm", "visual", "matched")
+
+
+class XlxmertModelParams(Strict):
+    """X-LXMERT (Cho et al., EMNLP 2020) sizes and pre-training recipe (formats.md §7).
+
+    The encoder is LXMERT's; for pre-training its visual input is the frozen codebook
+    centroid of each grid cell's cluster id. The codebook size K, the grid side G and the
+    feature dim D come from ``data/codebook/meta.json``, the vocabulary from the tokenizer.
+    Defaults are the ``tiny`` CPU preset; ``max_text_length`` is 40 (the reference's 20 would
+    cut the world's longer captions, which list up to 6 objects).
+    """
+
+    hidden_size: int = Field(128, ge=8, description="width of every layer (base: 768)")
+    num_attention_heads: int = Field(4, ge=1, description="heads per attention (base: 12)")
+    intermediate_size: int = Field(512, ge=8, description="FFN inner width (base: 3072)")
+    l_layers: int = Field(2, ge=1, description="language-only layers (base: 9)")
+    x_layers: int = Field(2, ge=1, description="cross-modality layers (base: 5)")
+    r_layers: int = Field(1, ge=1, description="vision-only (relational) layers (base: 5)")
+    hidden_dropout_prob: float = Field(0.1, ge=0, lt=1)
+    attention_probs_dropout_prob: float = Field(0.1, ge=0, lt=1)
+    max_text_length: int = Field(40, ge=4, description="tokens per sentence incl. [CLS]/[SEP]")
+    max_position_embeddings: int = Field(64, ge=4, description="position table size (base: 512)")
+    type_vocab_size: int = Field(2, ge=1)
+    initializer_range: float = Field(0.02, gt=0, description="std of the normal weight init")
+    tasks: list[Literal["mlm", "visual", "matched"]] = Field(
+        default_factory=lambda: list(XLXMERT_TASKS),
+        min_length=1,
+        description="round-robin order of the pre-training tasks, one per optimizer step (a task "
+        "listed twice gets twice the steps); X-LXMERT: masked LM, visual cluster prediction, matching",
+    )
+    mlm_prob: float = Field(0.15, ge=0, le=1, description="fraction of word tokens masked")
+    mlm_mask_frac: float = Field(0.8, ge=0, le=1, description="of masked tokens: replaced by [MASK]")
+    mlm_random_frac: float = Field(0.1, ge=0, le=1, description="of masked tokens: random token")
+    match_swap_prob: float = Field(0.5, ge=0, le=1, description="chance the sentence is swapped (mismatch)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> XlxmertModelParams:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.max_text_length > self.max_position_embeddings:
+            raise ValueError(
+                f"max_text_length ({self.max_text_length}) exceeds max_position_embeddings "
+                f"({self.max_position_embeddings})"
+            )
+        if self.mlm_mask_frac + self.mlm_random_frac > 1:
+            raise ValueError("mlm_mask_frac + mlm_random_frac must be <= 1 (the rest is kept)")
+        return self
+
+    @classmethod
+    def preset(cls, name: Literal["tiny", "base"], **overrides: Any) -> XlxmertModelParams:
+        """``tiny`` (the defaults) or ``base`` (LXMERT's 768, 12 heads, 3072, 9/5/5, length 20)."""
+        sizes = {"tiny": {}, "base": {**LXMERT_BASE_SIZES, "max_text_length": 20}}
+        if name not in sizes:
+            raise ValueError(f"unknown X-LXMERT preset {name!r}; choose one of {sorted(sizes)}")
+        return cls(**{**sizes[name], **overrides})
+
+
+class XlxmertPretrainParams(Strict):
+    """Stage ``pretrain@xlxmert``: X-LXMERT pre-training on codebook cluster ids (formats.md §7)."""
+
+    model: XlxmertModelParams = Field(default_factory=XlxmertModelParams)
+    train: TrainParams = Field(
+        default_factory=lambda: TrainParams(
+            optimizer="adamw", lr=1e-3, batch_size=128, epochs=12, warmup_ratio=0.05,
+            find_unused_parameters=True,
+        )  # fmt: skip
+    )
+    init: str | None = Field(
+        None, description="start the encoder from a local LXMERT HF dir or model_LXRT.pth instead of random"
+    )
+    sources: list[str] = Field(
+        default_factory=lambda: ["mscoco", "vg"],
+        min_length=1,
+        description="sentence sources of lxmert/{train,val}.json used (captions; X-LXMERT has no QA task)",
+    )
+    eval_batch_size: int = Field(256, ge=1)
+    val_max_examples: int | None = Field(1500, ge=1, description="cap on val examples for the val metrics")
+
+
+class GeneratorParams(Strict):
+    """Stage ``generator``: a SPADE image generator from centroid grids (X-LXMERT §3.3).
+
+    SPADE residual blocks (Park et al., CVPR 2019) modulated by the (B, D, G, G) grid of
+    codebook centroids upsample it to the world's image size; trained on the ground-truth
+    code grids of training images with a mix of pixel L1, hinge GAN and discriminator
+    feature matching (weights 0 switch a term off; ``gan_weight`` 0 also drops the
+    discriminator).
+    """
+
+    channels: list[int] = Field(
+        default_factory=lambda: [128, 96, 64, 32],
+        min_length=1,
+        description="generator widths, one SPADE residual block per entry; each block after the "
+        "first doubles the resolution (G * 2^(n-1) must equal the image size)",
+    )
+    cond_channels: int = Field(64, ge=4, description="width of the projected centroid map that SPADE reads")
+    spade_hidden: int = Field(64, ge=4, description="hidden width of each SPADE modulation MLP")
+    disc_channels: list[int] = Field(default_factory=lambda: [32, 64, 128], min_length=1)
+    l1_weight: float = Field(10.0, ge=0, description="pixel L1 reconstruction loss")
+    gan_weight: float = Field(1.0, ge=0, description="hinge GAN loss of the generator (and its discriminator)")
+    fm_weight: float = Field(10.0, ge=0, description="discriminator feature-matching loss (pix2pixHD)")
+    train: TrainParams = Field(
+        default_factory=lambda: TrainParams(
+            optimizer="adamw", lr=5e-4, beta1=0.5, beta2=0.999, weight_decay=0.0, batch_size=32,
+            epochs=6, warmup_ratio=0.0, max_grad_norm=None, mixed_precision="no",
+        )  # fmt: skip
+    )
+    eval_batch_size: int = Field(128, ge=1)
+    val_max_images: int | None = Field(None, ge=1, description="cap on val images for the val metrics")
+
+    @model_validator(mode="after")
+    def _losses(self) -> GeneratorParams:
+        if self.l1_weight == 0 and self.gan_weight == 0 and self.fm_weight == 0:
+            raise ValueError("l1_weight, gan_weight and fm_weight are all 0: nothing to train")
+        if self.fm_weight > 0 and self.gan_weight == 0:
+            raise ValueError("fm_weight > 0 needs the discriminator (gan_weight > 0)")
+        return self
+
+
+class PaintParams(Strict):
+    """Stage ``paint``: text -> cluster ids by X-LXMERT mask-predict, then the generator.
+
+    Mask-predict (Ghazvininejad et al., 2019; X-LXMERT §3.4): start with every cell masked;
+    at step i of T predict every masked cell, then re-mask the int((T - i) / T * G*G) least
+    confident cells.
+    """
+
+    steps: int = Field(8, ge=1, le=64, description="mask-predict steps T (X-LXMERT: 4 to 10)")
+    temperature: float = Field(
+        0.0, ge=0, description="0: take the most likely code of a cell; > 0: sample from softmax(logits / t)"
+    )
+    top_k: int | None = Field(None, ge=1, description="with temperature > 0: sample among the k likeliest codes")
+    seed: int = Field(0, ge=0, description="seeds the sampling (same seed -> same images)")
+    num_captions: int | None = Field(500, ge=1, description="val captions painted and scored (one per image)")
+    batch_size: int = Field(64, ge=1)
+    sheet_size: int = Field(16, ge=1, description="val captions shown on the contact sheet")
+    rprecision_candidates: int = Field(100, ge=2, description="captions ranked per image for R-precision (1 true)")
+    score_threshold: float | None = Field(
+        None, ge=0, le=1, description="detector score to count a detection; null: the detector's own"
+    )
+
+
+class VlpModelParams(Strict):
+    """VLP (Zhou et al., AAAI 2020) sizes and masked vision-language prediction recipe.
+
+    One BERT-style transformer over ``[CLS] regions [SEP] caption [SEP]``, used as encoder
+    (bidirectional mask) and decoder (seq2seq mask). Defaults are the ``tiny`` CPU preset;
+    ``VlpModelParams.preset("base")`` gives BERT-base sizes (768, 12 heads, 3072, 12 layers).
+    The vocabulary comes from the tokenizer, the region feature dim from the region store's
+    meta.json. ``max_text_length`` (48) covers the world's longest captions (43 tokens).
+    """
+
+    hidden_size: int = Field(128, ge=8, description="width of every layer (base: 768)")
+    num_attention_heads: int = Field(4, ge=1, description="heads per attention (base: 12)")
+    intermediate_size: int = Field(512, ge=8, description="FFN inner width (base: 3072)")
+    num_layers: int = Field(4, ge=1, description="transformer layers shared by encoding and decoding (base: 12)")
+    hidden_dropout_prob: float = Field(0.1, ge=0, lt=1)
+    attention_probs_dropout_prob: float = Field(0.1, ge=0, lt=1)
+    max_text_length: int = Field(48, ge=4, description="text tokens incl. [CLS]/[SEP] (captions and questions)")
+    max_position_embeddings: int = Field(64, ge=4, description="text position table size (base: 512)")
+    initializer_range: float = Field(0.02, gt=0, description="std of the normal weight init")
+    mask_prob: float = Field(0.15, ge=0, le=1, description="fraction of caption tokens (incl. the final [SEP]) masked")
+    mask_frac: float = Field(0.8, ge=0, le=1, description="of masked tokens: replaced by [MASK]")
+    random_frac: float = Field(0.1, ge=0, le=1, description="of masked tokens: random token")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> VlpModelParams:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.max_text_length > self.max_position_embeddings - 1:
+            raise ValueError(
+                f"max_text_length ({self.max_text_length}) needs max_position_embeddings >= max_text_length + 1 "
+                f"(got {self.max_position_embeddings}): the image [SEP] takes one position"
+            )
+        if self.mask_frac + self.random_frac > 1:
+            raise ValueError("mask_frac + random_frac must be <= 1 (the rest is kept)")
+        return self
+
+    @classmethod
+    def preset(cls, name: Literal["tiny", "base"], **overrides: Any) -> VlpModelParams:
+        """``tiny`` (the defaults) or ``base`` (BERT-base: 768, 12 heads, 3072, 12 layers, 512 positions)."""
+        base = {"hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072, "num_layers": 12,
+                "max_position_embeddings": 512}  # fmt: skip
+        sizes: dict[str, dict[str, Any]] = {"tiny": {}, "base": base}
+        if name not in sizes:
+            raise ValueError(f"unknown VLP preset {name!r}; choose one of {sorted(sizes)}")
+        return cls(**{**sizes[name], **overrides})
+
+
+class VlpPretrainParams(Strict):
+    """Stage ``pretrain@vlp``: masked vision-language prediction on the world's captions.
+
+    Each example gets the seq2seq self-attention mask with probability ``s2s_prob`` and the
+    bidirectional one with ``bi_prob`` (VLP pre-training: 0.75 / 0.25).
+    """
+
+    model: VlpModelParams = Field(default_factory=VlpModelParams)
+    train: TrainParams = Field(
+        default_factory=lambda: TrainParams(lr=1e-3, batch_size=128, epochs=20, warmup_ratio=0.05)
+    )
+    s2s_prob: float = Field(0.75, ge=0, le=1, description="chance an example uses the seq2seq mask")
+    bi_prob: float = Field(0.25, ge=0, le=1, description="chance an example uses the bidirectional mask")
+    eval_batch_size: int = Field(256, ge=1)
+    val_max_examples: int | None = Field(2500, ge=1, description="cap on val captions for the loss metrics")
+
+    @model_validator(mode="after")
+    def _probs(self) -> VlpPretrainParams:
+        if abs(self.s2s_prob + self.bi_prob - 1.0) > 1e-9:
+            raise ValueError(f"s2s_prob + bi_prob must be 1 (got {self.s2s_prob} + {self.bi_prob})")
+        return self
+
+
+class CaptionParams(Strict):
+    """``finetune.vlp-caption``: VLP captioning (stages ``finetune@vlp-caption``, ``submit@vlp-caption``).
+
+    Cross-entropy fine-tuning uses the seq2seq mask only (masked-LM on caption tokens with
+    ``mask_prob``); decoding is greedy (``beam_size`` 1) or beam search, with key/value caching.
+    ``scst`` adds self-critical sequence training (Rennie et al. 2017) after it: reward CIDEr-D
+    of a sampled caption minus that of the greedy one (VLP: lr 1e-6 on COCO).
+    """
+
+    model: Literal["vlp"] = "vlp"
+    task: Literal["caption"] = "caption"
+    init: Literal["pretrained", "scratch"] = Field("pretrained", description="pre-trained VLP or random weights")
+    train: TrainParams = Field(default_factory=lambda: TrainParams(lr=5e-4, batch_size=64, epochs=10))
+    mask_prob: float = Field(0.5, gt=0, le=1, description="fraction of caption tokens masked in fine-tuning")
+    beam_size: int = Field(3, ge=1, description="beams of the decoder (1: greedy)")
+    max_length: int = Field(47, ge=1, description="most generated tokens per caption (incl. the final [SEP])")
+    length_penalty: float = Field(0.0, ge=0, description="final beam score = log-prob / length**length_penalty")
+    eval_batch_size: int = Field(128, ge=1)
+    val_max_images: int | None = Field(None, ge=1, description="cap on val images scored during and after training")
+    scst: bool = Field(False, description="run SCST (CIDEr-D reward, greedy baseline) after cross-entropy")
+    scst_train: TrainParams = Field(
+        default_factory=lambda: TrainParams(lr=1e-5, batch_size=64, epochs=2, warmup_ratio=0.0),
+        description="SCST loop settings (paper: lr 1e-6 on COCO; the tiny world model needs more)",
+    )
+
+
+class XvlmModelParams(Strict):
+    """X-VLM (Zeng et al., ICML 2022) sizes and pre-training recipe (formats.md §7).
+
+    A vision transformer on pixels, a BERT text encoder whose last ``fusion_layers`` layers
+    cross-attend to the image, projections to a shared space for ITC. The defaults are the
+    ``tiny`` preset for the 64x64 shapes world; ``XvlmModelParams.preset("base")`` gives the
+    paper's sizes (Swin-B 224/window 7, 6 text + 6 fusion layers of width 768, ITC dim 256).
+    ``vision_init`` / ``text_init`` load weights from local files (never downloaded); with
+    ``vision_init`` the vision sizes come from that directory's config.json. The vocabulary
+    size comes from the tokenizer's meta.json.
+    """
+
+    # ---- vision encoder (transformers ViT / CLIP vision / Swin)
+    vision_type: Literal["vit", "clip", "swin"] = Field("vit", description="backbone family")
+    vision_init: str | None = Field(None, description="local HF directory with the backbone's config + weights")
+    image_size: int = Field(64, ge=16, description="input side in pixels (images are resized to it)")
+    patch_size: int = Field(8, ge=1, description="pixels per patch side")
+    vision_hidden_size: int = Field(128, ge=8, description="ViT/CLIP width; Swin: width of the first stage")
+    vision_layers: int = Field(3, ge=1, description="ViT/CLIP layers (Swin: see swin_depths)")
+    vision_heads: int = Field(4, ge=1, description="ViT/CLIP heads")
+    vision_intermediate_size: int = Field(512, ge=8, description="ViT/CLIP FFN width")
+    swin_depths: list[int] = Field(default_factory=lambda: [2, 2, 18, 2], min_length=1)
+    swin_heads: list[int] = Field(default_factory=lambda: [4, 8, 16, 32], min_length=1)
+    swin_window: int = Field(7, ge=1)
+    # ---- text / fusion encoder (BERT layers; the last fusion_layers have cross-attention)
+    text_init: str | None = Field(None, description="local BERT checkpoint (file or HF dir) for text+fusion layers")
+    hidden_size: int = Field(128, ge=8, description="text width (base: 768)")
+    num_attention_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(512, ge=8)
+    text_layers: int = Field(2, ge=1, description="text-only layers (base: 6)")
+    fusion_layers: int = Field(2, ge=1, description="cross-attention layers (base: 6)")
+    hidden_dropout_prob: float = Field(0.1, ge=0, lt=1)
+    attention_probs_dropout_prob: float = Field(0.1, ge=0, lt=1)
+    max_text_length: int = Field(40, ge=4, description="tokens per text incl. [CLS]/[SEP]")
+    max_position_embeddings: int = Field(64, ge=4, description="position table size (base: 512)")
+    type_vocab_size: int = Field(2, ge=1)
+    initializer_range: float = Field(0.02, gt=0)
+    embed_dim: int = Field(128, ge=8, description="shared ITC space (X-VLM: 256)")
+    temp: float = Field(0.07, gt=0, le=0.5, description="initial ITC temperature (learned)")
+    # ---- pre-training tasks
+    task_itc: bool = Field(True, description="image(region)-text contrastive loss")
+    task_itm: bool = Field(True, description="matching with hard negatives from the ITC similarity")
+    task_mlm: bool = Field(True, description="masked language modelling conditioned on the image")
+    task_bbox: bool = Field(True, description="box regression of region phrases (L1 + 1 - GIoU)")
+    task_region: bool = Field(True, description="region-phrase ITC/ITM (region = mean of in-box patches)")
+    mlm_prob: float = Field(0.25, ge=0, le=1, description="fraction of words masked (X-VLM: 25%)")
+    mlm_mask_frac: float = Field(0.8, ge=0, le=1)
+    mlm_random_frac: float = Field(0.1, ge=0, le=1)
+    whole_word_mask: bool = Field(True, description="mask every piece of a chosen word")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> XvlmModelParams:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.vision_type != "swin" and self.vision_hidden_size % self.vision_heads:
+            raise ValueError(
+                f"vision_hidden_size ({self.vision_hidden_size}) must be a multiple of vision_heads ({self.vision_heads})"
+            )
+        if self.max_text_length > self.max_position_embeddings:
+            raise ValueError(
+                f"max_text_length ({self.max_text_length}) exceeds max_position_embeddings ({self.max_position_embeddings})"
+            )
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+        if self.vision_type == "swin" and len(self.swin_depths) != len(self.swin_heads):
+            raise ValueError("swin_depths and swin_heads must have one entry per stage")
+        if self.mlm_mask_frac + self.mlm_random_frac > 1:
+            raise ValueError("mlm_mask_frac + mlm_random_frac must be <= 1 (the rest is kept)")
+        return self
+
+    @classmethod
+    def preset(cls, name: Literal["tiny", "base"], **overrides: Any) -> XvlmModelParams:
+        """``tiny`` (the defaults) or ``base`` (X-VLM base: Swin-B 224, 6+6 layers of 768)."""
+        sizes = {"tiny": {}, "base": XVLM_BASE_SIZES}
+        if name not in sizes:
+            raise ValueError(f"unknown X-VLM preset {name!r}; choose one of {sorted(sizes)}")
+        return cls(**{**sizes[name], **overrides})
+
+
+XVLM_BASE_SIZES: dict[str, Any] = {
+    "vision_type": "swin",
+    "image_size": 224,
+    "patch_size": 4,
+    "vision_hidden_size": 128,
+    "swin_depths": [2, 2, 18, 2],
+    "swin_heads": [4, 8, 16, 32],
+    "swin_window": 7,
+    "hidden_size": 768,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "text_layers": 6,
+    "fusion_layers": 6,
+    "max_text_length": 40,
+    "max_position_embeddings": 512,
+    "embed_dim": 256,
+}
+
+
+class XvlmPretrainParams(Strict):
+    """Stage ``pretrain@xvlm``: X-VLM pre-training on captions and region phrases with boxes.
+
+    One example is one training caption of an image plus one region phrase with its box,
+    drawn per step from the image's objects (scene graphs) and its RefCOCO train expressions.
+    """
+
+    model: XvlmModelParams = Field(default_factory=XvlmModelParams)
+    train: TrainParams = Field(
+        default_factory=lambda: TrainParams(lr=1e-3, batch_size=64, epochs=4, warmup_ratio=0.05, weight_decay=0.02)
+    )
+    region_sources: list[Literal["scenes", "refcoco"]] = Field(
+        default_factory=lambda: ["scenes", "refcoco"], description="where region phrases + boxes come from"
+    )
+    eval_batch_size: int = Field(128, ge=1)
+    val_max_images: int | None = Field(500, ge=1, description="cap on val images for the zero-shot ITC metrics")
+
+
+XVLM_TASKS = ("retrieval", "refcoco", "vqa", "nlvr2")
+
+
+class XvlmFinetuneParams(Strict):
+    """One ``finetune.xvlm-<task>`` entry (stages ``finetune@xvlm-<task>``, ``submit@xvlm-<task>``).
+
+    retrieval: ITC + ITM fine-tuning, ranking by ITC then re-scoring the top ``k_test`` by ITM;
+    refcoco: box regression from the fused [CLS] (L1 + 1 - GIoU); vqa / nlvr2: the shared task
+    heads on the fused [CLS] (NLVR2: the sentence attends to both images). ``init``:
+    ``pretrained`` (``pretrain@xvlm``), ``scratch`` or a local directory of ours.
+    """
+
+    model: Literal["xvlm"] = "xvlm"
+    task: Literal["retrieval", "refcoco", "vqa", "nlvr2"]
+    init: str = "pretrained"
+    train: TrainParams = Field(default_factory=lambda: TrainParams(lr=2e-4, batch_size=64, epochs=4))
+    eval_batch_size: int = Field(128, ge=1)
+    k_test: int = Field(16, ge=1, description="retrieval: candidates per query re-scored by ITM")
 
 
 # ---------------------------------------------------------------- pre-training / tasks

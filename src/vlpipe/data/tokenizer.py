@@ -55,6 +55,33 @@ def _sentences(rec: dict[str, Any], path: Path, i: int) -> Iterator[str]:
         raise InputError(path, f"record {i} has no text field (sentf/sent/text/caption)")
 
 
+def wordpiece_vocab(corpus: list[str], vocab_size: int, min_frequency: int, lowercase: bool) -> list[str]:
+    """A deterministic WordPiece vocabulary: special tokens, every character (as a word start
+    and as a ``##`` continuation), then whole words by frequency (ties alphabetical).
+
+    Text is normalised and split exactly as BERT does (HF ``tokenizers``' BertNormalizer and
+    BertPreTokenizer). We do not use the library's WordPiece *trainer*: its merges break ties
+    in hash-map order, so the same corpus gives a different vocab from run to run, which
+    would break the pipeline's bitwise reproducibility. Characters guarantee that every word
+    of the corpus can be spelled, so nothing becomes [UNK].
+    """
+    from collections import Counter
+
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    norm = BertNormalizer(lowercase=lowercase, strip_accents=lowercase, clean_text=True, handle_chinese_chars=True)
+    pre = BertPreTokenizer()
+    words: Counter[str] = Counter()
+    for sent in corpus:
+        words.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(sent)))
+    chars = sorted({c for w in words for c in w})
+    vocab = list(SPECIAL_TOKENS) + chars + ["##" + c for c in chars]
+    budget = max(vocab_size - len(vocab), 0)
+    ranked = sorted((w for w, c in words.items() if c >= min_frequency and len(w) > 1), key=lambda w: (-words[w], w))
+    return vocab + ranked[:budget]
+
+
 def build_tokenizer(params: TokenizerParams, world_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Write a BertTokenizerFast-loadable tokenizer to ``out_dir``; return stage metrics."""
     from transformers import BertTokenizerFast
@@ -72,21 +99,13 @@ def build_tokenizer(params: TokenizerParams, world_dir: Path, out_dir: Path) -> 
             raise InputError(src, f"not a BERT tokenizer directory: {e}") from e
         n_sentences = 0
     else:
-        from tokenizers import BertWordPieceTokenizer
-
         corpus = list(training_corpus(world_dir))
         n_sentences = len(corpus)
-        wp = BertWordPieceTokenizer(lowercase=params.lowercase, strip_accents=params.lowercase)
-        wp.train_from_iterator(
-            corpus,
-            vocab_size=params.vocab_size,
-            min_frequency=params.min_frequency,
-            special_tokens=SPECIAL_TOKENS,
-            show_progress=False,
-        )
-        wp.save_model(str(out_dir))  # vocab.txt
-        tok = BertTokenizerFast(vocab_file=str(out_dir / "vocab.txt"), do_lower_case=params.lowercase)
-        tok.save_pretrained(str(out_dir))
+        vocab = wordpiece_vocab(corpus, params.vocab_size, params.min_frequency, params.lowercase)
+        (out_dir / "vocab.txt").write_text("".join(t + "\n" for t in vocab), encoding="utf-8")
+        # transformers 5 ignores a vocab_file passed to the constructor: load the directory.
+        tok = BertTokenizerFast.from_pretrained(str(out_dir), do_lower_case=params.lowercase)
+        tok.save_pretrained(str(out_dir))  # tokenizer.json + tokenizer_config.json
 
     meta = {
         "vocab_size": len(tok),
@@ -113,6 +132,6 @@ def load_tokenizer(tokenizer_dir: Path):
     from transformers import BertTokenizerFast
 
     tokenizer_dir = Path(tokenizer_dir)
-    if not (tokenizer_dir / "vocab.txt").is_file():
-        raise InputError(tokenizer_dir, "no tokenizer here (vocab.txt missing); run `dvc repro tokenizer`")
+    if not any((tokenizer_dir / f).is_file() for f in ("vocab.txt", "tokenizer.json")):
+        raise InputError(tokenizer_dir, "no tokenizer here (no vocab.txt or tokenizer.json); run `dvc repro tokenizer`")
     return BertTokenizerFast.from_pretrained(str(tokenizer_dir))
