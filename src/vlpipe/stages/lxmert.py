@@ -61,8 +61,8 @@ def run_pretrain(params_path: Path, root: Path) -> None:
         vocab_size=len(tok),
         visual_feat_dim=visual.feat_dim,
         visual_pos_dim=visual.pos_dim,
-        num_object_labels=len(det["shapes"]),
-        num_attr_labels=len(det["colors"]),
+        num_object_labels=len(det["objects"]),
+        num_attr_labels=len(det["attributes"]),
         num_answers=len(label2ans),
     )
     if p.init:
