@@ -31,6 +31,17 @@ def tiny_overrides() -> dict:
         "detector": {"epochs": 1, "channels": [8, 16], "feature_dim": 16, "batch_size": 16},
         "features": {"region": {"num_boxes": 8}},
         "codebook": {"k": 8, "iterations": 3},
+        "pretrain": {
+            "lxmert": {
+                "model": {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64},
+                "train": {"max_steps": 3, "batch_size": 8, "log_every": 1},
+                "val_max_examples": 16,
+            }
+        },
+        "finetune": {
+            key: {"model": "lxmert", "task": key.split("-")[1], "train": {"max_steps": 2, "batch_size": 8, "log_every": 1}}
+            for key in ("lxmert-vqa", "lxmert-gqa", "lxmert-nlvr2")
+        },
     }
 
 

@@ -1,0 +1,93 @@
+"""End to end: the real `dvc repro` of the DAG in a temporary copy with tiny params.
+
+Runs every stage of dvc.yaml as a user would, then checks that a second `dvc repro`
+runs nothing and that bad params stop the pipeline with a clear message.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+
+
+def _run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def built_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git+dvc copy of the repo with tiny params after one full `dvc repro`."""
+    from conftest import REPO, deep_update, tiny_overrides
+    from vlpipe.config import dump_defaults
+
+    work = tmp_path_factory.mktemp("pipeline") / "repo"
+    work.mkdir()
+    for name in ["dvc.yaml", ".dvcignore"]:
+        shutil.copy(REPO / name, work / name)
+    shutil.copytree(REPO / ".dvc", work / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    shutil.copytree(REPO / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    params = deep_update(dump_defaults(), tiny_overrides())
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], work)
+    _run(["git", "add", "-A"], work)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], work)
+    _run([str(BIN / "dvc"), "repro"], work)
+    return work
+
+
+def test_repro_builds_every_stage_output(built_copy: Path) -> None:
+    stages = yaml.safe_load((built_copy / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        for out in stage.get("do", stage).get("outs", []):
+            path = out if isinstance(out, str) else next(iter(out))
+            if "${key}" in path:
+                continue
+            assert (built_copy / path).exists(), f"stage {name} did not write {path}"
+    expected = ["world", "tokenizer", "detector", "features_region", "features_grid", "codebook", "pretrain/lxmert"]
+    expected += [f"{kind}/lxmert-{task}" for kind in ("finetune", "leaderboard") for task in ("vqa", "gqa", "nlvr2")]
+    for metrics in expected:
+        assert (built_copy / "metrics" / f"{metrics}.json").is_file(), metrics
+    assert (built_copy / "leaderboard/lxmert-vqa/test_predict.json").is_file()
+    assert (built_copy / "leaderboard/lxmert-nlvr2/test_predict.csv").is_file()
+
+
+def test_second_repro_runs_nothing(built_copy: Path) -> None:
+    r = _run([str(BIN / "dvc"), "repro"], built_copy)
+    assert "Running stage" not in r.stdout, r.stdout
+    assert "up to date" in r.stdout
+
+
+def test_changed_codebook_param_reruns_only_codebook(built_copy: Path) -> None:
+    params = yaml.safe_load((built_copy / "params.yaml").read_text())
+    params["codebook"]["k"] = params["codebook"]["k"] + 1
+    (built_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    r = _run([str(BIN / "dvc"), "repro"], built_copy)
+    ran = [line for line in r.stdout.splitlines() if line.startswith("Running stage")]
+    assert ran == ["Running stage 'codebook':"], r.stdout
+
+
+def test_bad_params_stop_the_pipeline_with_a_clear_error(built_copy: Path) -> None:
+    params = yaml.safe_load((built_copy / "params.yaml").read_text())
+    params["world"]["scene"]["n_val"] = "lots"
+    (built_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    r = _run([str(BIN / "dvc"), "repro", "world"], built_copy, check=False)
+    assert r.returncode != 0
+    assert "world.scene.n_val" in r.stdout + r.stderr
+    # No half-written output or temporary directory is left behind.
+    leftovers = [p.name for p in (built_copy / "data").iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    assert leftovers == []
+    assert not (built_copy / "data" / "world").exists() or (built_copy / "data/world/meta.json").is_file()
