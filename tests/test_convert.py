@@ -170,3 +170,25 @@ def test_transfer_answer_head_copies_shared_answers():
     target.load_state_dict(state)
     zero_init, n = transfer_answer_head(source, {0: "yes", 1: "no", 2: "red", 3: "two"}, ["maybe", "no"])
     assert n == 1 and zero_init["answer_head.logit_fc.3.weight"][0].abs().sum() == 0
+
+
+def test_import_lxmert_writes_an_hf_directory_with_identical_outputs(tmp_path):
+    from vlpipe.models.convert import import_lxmert
+    from vlpipe.models.lxmert import load_lxmert
+
+    source = tiny(seed=3, l_layers=2, x_layers=1, r_layers=1)
+    path = tmp_path / "model_LXRT.pth"
+    torch.save(as_lxrt_pretrain(source), path)
+    info = import_lxmert(path, tmp_path / "out", num_attention_heads=2)
+    assert info["layers"] == (2, 1, 1) and info["hidden"] == 32
+    imported = load_lxmert(tmp_path / "out").eval()
+    same_outputs(source, imported)
+
+
+def test_import_lxmert_rejects_a_non_lxmert_file(tmp_path):
+    from vlpipe.models.convert import import_lxmert
+
+    path = tmp_path / "other.pth"
+    torch.save({"module.foo.weight": torch.zeros(2, 2)}, path)
+    with pytest.raises(InputError, match="other.pth"):
+        import_lxmert(path, tmp_path / "out")

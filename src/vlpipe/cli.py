@@ -124,6 +124,18 @@ def submit(
     lxmert.run_submit(key, params, root)
 
 
+@import_app.command("lxmert")
+def import_lxmert_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="model_LXRT.pth (pickle, read weights_only) or an HF directory")],
+    out: Annotated[Path, typer.Argument(help="directory to write (config.json + model.safetensors)")],
+    heads: Annotated[int | None, typer.Option(help="attention heads (not stored in weights; default hidden/64)")] = None,
+) -> None:
+    """Convert a reference LXMERT pre-training checkpoint into our HF layout (usable as pretrain.lxmert.init)."""
+    from vlpipe.models.convert import import_lxmert
+
+    typer.echo(f"imported {import_lxmert(checkpoint, out, heads)} into {out}")
+
+
 @import_app.command("tsv")
 def import_tsv(
     tsv: Annotated[Path, typer.Argument(help="LXMERT / bottom-up-attention region feature TSV")],

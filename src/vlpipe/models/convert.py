@@ -288,3 +288,75 @@ def transfer_answer_head(
     out = dict(state)
     out[w_key], out[b_key] = new_w, new_b
     return out, len(pairs)
+
+
+# ------------------------------------------------------------------- import to HF layout
+
+
+def _count_layers(state: Mapping[str, torch.Tensor], prefix: str) -> int:
+    idx = {int(k[len(prefix) :].split(".")[0]) for k in state if k.startswith(prefix)}
+    return max(idx) + 1 if idx else 0
+
+
+def infer_lxmert_config(state: Mapping[str, torch.Tensor], num_attention_heads: int | None = None, path: str | Path = "<state>"):
+    """An ``LxmertConfig`` read off a state dict in our layout (sizes from the tensor shapes).
+
+    The number of heads is not visible in the weights: by default hidden/64, as BERT-base and
+    LXMERT (768 -> 12). Pre-training task switches follow the heads present in the file.
+    """
+    from transformers import LxmertConfig
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in state:
+            raise InputError(path, f"not an LXMERT checkpoint: no {key}")
+        return tuple(state[key].shape)
+
+    vocab, hidden = shape("lxmert.embeddings.word_embeddings.weight")
+    heads = num_attention_heads or max(hidden // 64, 1)
+    if hidden % heads:
+        raise InputError(path, f"hidden size {hidden} is not a multiple of {heads} attention heads")
+    decoders = {k.split(".")[2] for k in state if k.startswith("obj_predict_head.decoder_dict.")}
+
+    def labels(name: str) -> int:
+        key = f"obj_predict_head.decoder_dict.{name}.weight"
+        return shape(key)[0] if key in state else 1
+
+    has_qa = f"{ANSWER_LAYER}weight" in state
+    return LxmertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        intermediate_size=shape("lxmert.encoder.layer.0.intermediate.dense.weight")[0],
+        l_layers=_count_layers(state, "lxmert.encoder.layer."),
+        x_layers=_count_layers(state, "lxmert.encoder.x_layers."),
+        r_layers=_count_layers(state, "lxmert.encoder.r_layers."),
+        max_position_embeddings=shape("lxmert.embeddings.position_embeddings.weight")[0],
+        type_vocab_size=shape("lxmert.embeddings.token_type_embeddings.weight")[0],
+        visual_feat_dim=shape("lxmert.encoder.visn_fc.visn_fc.weight")[1],
+        visual_pos_dim=shape("lxmert.encoder.visn_fc.box_fc.weight")[1],
+        num_object_labels=labels("obj"),
+        num_attr_labels=labels("attr"),
+        num_qa_labels=shape(f"{ANSWER_LAYER}weight")[0] if has_qa else 1,
+        task_mask_lm=True,
+        task_matched=True,
+        task_obj_predict=bool(decoders),
+        task_qa=has_qa,
+        visual_obj_loss="obj" in decoders,
+        visual_attr_loss="attr" in decoders,
+        visual_feat_loss="feat" in decoders,
+    )
+
+
+def import_lxmert(path: str | Path, out_dir: str | Path, num_attention_heads: int | None = None) -> dict:
+    """Convert a reference pre-training checkpoint (``model_LXRT.pth`` or an HF directory) into
+    our HF ``save_pretrained`` layout at ``out_dir``; every key and shape is checked."""
+    from vlpipe.models.lxmert import Lxmert, save_lxmert
+
+    state = to_our_layout(read_checkpoint(path), path)
+    if TIED_KEY not in state and TIED_SOURCE in state:
+        state[TIED_KEY] = state[TIED_SOURCE]
+    config = infer_lxmert_config(state, num_attention_heads, path)
+    model = Lxmert(config)
+    report = load_state_dict_into(model, state, path)
+    save_lxmert(model, out_dir)
+    return {"loaded": report.loaded, "hidden": config.hidden_size, "layers": (config.l_layers, config.x_layers, config.r_layers)}
