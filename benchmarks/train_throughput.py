@@ -43,7 +43,7 @@ def batch(b: int, length: int, feat_dim: int, device: torch.device) -> dict[str,
 
 
 def run(size: str, steps: int, batch_size: int, device: torch.device, dtype: torch.dtype | None, peak: float) -> None:
-    params = LxmertModelParams.preset(size, max_text_length=20 if size == "base" else 40)
+    params = LxmertModelParams.preset(size, max_text_length=20 if size == "base" else 40, standardize_features=False)
     torch.manual_seed(0)
     model = build_lxmert(params, vocab_size=VOCAB, visual_feat_dim=FEAT_DIM, visual_pos_dim=4,
                          num_object_labels=1600, num_attr_labels=400, num_answers=ANSWERS).to(device)  # fmt: skip

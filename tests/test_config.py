@@ -105,3 +105,31 @@ def test_cli_reports_params_error_and_exits_nonzero(tmp_path: Path) -> None:
     )
     assert r.returncode == 2
     assert "codebook.k" in r.stderr and str(p) in r.stderr and "Traceback" not in r.stderr
+
+
+def test_lxmert_base_preset_is_the_papers_recipe(tmp_path: Path) -> None:
+    out = tmp_path / "base.yaml"
+    r = subprocess.run(
+        [sys.executable, "-m", "vlpipe", "preset", "lxmert-base", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    p = load_params(out)  # the written file passes the strict validation
+    m, t = p.pretrain.lxmert.model, p.pretrain.lxmert.train
+    assert (m.hidden_size, m.num_attention_heads, m.intermediate_size) == (768, 12, 3072)
+    assert (m.l_layers, m.x_layers, m.r_layers, m.max_text_length) == (9, 5, 5, 20)
+    assert m.max_boxes is None and not m.standardize_features  # all 36 boxes, raw features
+    assert (t.optimizer, t.lr, t.batch_size, t.epochs, t.warmup_ratio, t.max_grad_norm) == (
+        "bertadam",
+        1e-4,
+        256,
+        20,
+        0.05,
+        1.0,
+    )
+    lrs = {k: (f.train.lr, f.train.batch_size, f.train.epochs) for k, f in p.finetune.items()}
+    assert lrs == {"lxmert-vqa": (5e-5, 32, 4), "lxmert-gqa": (1e-5, 32, 4), "lxmert-nlvr2": (5e-5, 32, 4)}
+    bad = subprocess.run([sys.executable, "-m", "vlpipe", "preset", "huge", "--out", str(tmp_path / "x.yaml")],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "unknown preset" in bad.stderr and not (tmp_path / "x.yaml").exists()

@@ -20,13 +20,16 @@ from vlpipe.models.lxmert import (
     swap_sentences,
 )
 
-SIZES = dict(vocab_size=60, visual_feat_dim=12, visual_pos_dim=4, num_object_labels=7, num_attr_labels=5, num_answers=9)
+SIZES = dict(
+    vocab_size=60, visual_feat_dim=12, visual_pos_dim=4, num_object_labels=7, num_attr_labels=5, num_answers=9
+)
 SPECIAL = [0, 1, 2, 3]  # pad, cls, sep, mask
 MASK_ID = 3
 B, L, N = 6, 10, 5
 
 
 def tiny_params(**kw) -> LxmertModelParams:
+    kw.setdefault("standardize_features", False)  # raw features: no statistics needed
     return LxmertModelParams(hidden_size=32, num_attention_heads=2, intermediate_size=64, **kw)
 
 
@@ -85,7 +88,7 @@ def test_params_presets_and_validation():
     assert (base.hidden_size, base.num_attention_heads, base.intermediate_size) == (768, 12, 3072)
     assert (base.l_layers, base.x_layers, base.r_layers) == (9, 5, 5)
     tiny = LxmertModelParams()
-    assert tiny.hidden_size <= 128 and (tiny.l_layers, tiny.x_layers, tiny.r_layers) == (2, 1, 1)
+    assert tiny.hidden_size <= 128 and (tiny.l_layers, tiny.x_layers, tiny.r_layers) == (1, 3, 1)
     assert tiny.visual_loss_weight == 6.67
     with pytest.raises(ValidationError, match="multiple of num_attention_heads"):
         LxmertModelParams(hidden_size=30, num_attention_heads=4)
@@ -278,7 +281,9 @@ def test_tiny_pretraining_run_lowers_every_loss(tmp_path):
         return model(**inputs).losses
 
     history = []
-    train = TrainParams(max_steps=60, batch_size=B, lr=3e-3, warmup_ratio=0.1, log_every=10, checkpoint_every=1000)
+    train = TrainParams(
+        max_steps=60, batch_size=B, lr=3e-3, warmup_ratio=0.1, log_every=10, checkpoint_every=1000
+    )
     fit(tiny_model(), loss_fn, samples, None, train, tmp_path, on_step_end=lambda s, v: history.append(v))
     for key in ("mlm", "obj", "attr", "feat", "qa"):
         first = sum(h[key] for h in history[:10]) / 10
@@ -295,3 +300,49 @@ def test_encoder_for_tasks_gives_the_pooled_vector(tmp_path):
     inputs = encoder_inputs(pretrain_inputs(tiny_params()))
     assert torch.equal(encoder(**inputs), model(**inputs).pooled_output)
     assert encoder.hidden_size == 32 and encoder.max_text_length == tiny_params().max_text_length
+
+
+def test_input_statistics_travel_with_the_checkpoint(tmp_path):
+    """standardize_features: the pre-training features' mean/std live in config.json, and the
+    region source built from a loaded config standardises exactly as in pre-training."""
+    import numpy as np
+
+    from vlpipe.data.visual import RegionInputs, feature_statistics
+    from vlpipe.features.store import write_region_store
+    from vlpipe.models.lxmert import region_inputs
+
+    rng = np.random.default_rng(0)
+    n, d = 6, SIZES["visual_feat_dim"]
+    records = [
+        {"img_id": f"img{i}", "img_h": 10, "img_w": 10, "objects_id": np.zeros(n, np.int64),
+         "objects_conf": np.ones(n, np.float32), "attrs_id": np.zeros(n, np.int64),
+         "attrs_conf": np.ones(n, np.float32),
+         "boxes": np.tile(np.array([0, 0, 5, 5], np.float32), (n, 1)),
+         "features": (rng.random((n, d)) * 7 + 3).astype(np.float32)}
+        for i in range(5)
+    ]  # fmt: skip
+    write_region_store(tmp_path / "store", iter(records), num_boxes=n, dim=d)
+    raw = RegionInputs(tmp_path / "store", max_boxes=4)
+    stats = feature_statistics(raw, [r["img_id"] for r in records])
+    with pytest.raises(ValueError, match="feat_stats"):
+        build_lxmert(tiny_params(standardize_features=True, max_boxes=4), **SIZES)
+    torch.manual_seed(0)
+    model = build_lxmert(tiny_params(standardize_features=True, max_boxes=4), feat_stats=stats, **SIZES)
+    save_lxmert(model, tmp_path / "m")
+    source = region_inputs(load_lxmert(tmp_path / "m").config, tmp_path / "store")
+    feats = source([r["img_id"] for r in records])["visual_feats"]  # (5, 4, D)
+    assert feats.shape == (5, 4, d)
+    torch.testing.assert_close(feats.reshape(-1, d).mean(0), torch.zeros(d), atol=1e-5, rtol=0)
+    torch.testing.assert_close(feats.reshape(-1, d).std(0, unbiased=False), torch.ones(d), atol=1e-4, rtol=0)
+    want = (
+        torch.from_numpy(np.stack([r["features"][:4] for r in records])) - torch.tensor(stats[0])
+    ) / torch.tensor(stats[1])
+    torch.testing.assert_close(feats, want.float())
+    # A model without statistics (e.g. a reference checkpoint) reads the raw features.
+    plain = build_lxmert(tiny_params(), **SIZES)
+    assert torch.equal(
+        region_inputs(plain.config, tmp_path / "store")(["img0"])["visual_feats"][0],
+        torch.from_numpy(records[0]["features"]),
+    )
+    with pytest.raises(Exception, match="do not fit"):
+        RegionInputs(tmp_path / "store", feat_mean=[0.0] * (d + 1), feat_std=[1.0] * (d + 1))

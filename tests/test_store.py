@@ -11,6 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from vlpipe.errors import InputError
 from vlpipe.features.store import (
@@ -170,6 +171,17 @@ def test_get_many_and_normalized_boxes(region_dir: Path, records: list[dict]) ->
     r = records[4]
     want = r["boxes"] / np.array([r["img_w"], r["img_h"], r["img_w"], r["img_h"]], dtype=np.float32)
     np.testing.assert_allclose(store.normalized_boxes(r["img_id"]), want, rtol=1e-6)
+
+
+def test_region_inputs_keep_the_first_max_boxes(region_dir: Path, records: list[dict]) -> None:
+    from vlpipe.data.visual import RegionInputs
+
+    ids = [records[2]["img_id"], records[-1]["img_id"]]
+    full, cut = RegionInputs(region_dir)(ids), RegionInputs(region_dir, max_boxes=3)(ids)
+    assert full["visual_feats"].shape == (2, N, D) and cut["visual_feats"].shape == (2, 3, D)
+    for key in ("visual_feats", "visual_pos", "obj_labels", "obj_conf", "attr_labels", "attr_conf"):
+        torch.testing.assert_close(cut[key], full[key][:, :3])  # the store's first (best) boxes
+    assert RegionInputs(region_dir, max_boxes=10 * N).num_boxes == N
 
 
 def test_lookups_are_zero_copy_read_only_views(region_dir: Path, records: list[dict]) -> None:

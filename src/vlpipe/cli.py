@@ -23,10 +23,14 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-import_app = typer.Typer(help="Import users' existing feature files and reference checkpoints.", no_args_is_help=True)
+import_app = typer.Typer(
+    help="Import users' existing feature files and reference checkpoints.", no_args_is_help=True
+)
 app.add_typer(import_app, name="import")
 
-ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (the single source of settings)")]
+ParamsOpt = Annotated[
+    Path, typer.Option("--params", "-p", help="params file (the single source of settings)")
+]
 RootOpt = Annotated[Path, typer.Option("--root", help="repository root: data/, models/, metrics/ live here")]
 
 
@@ -36,9 +40,13 @@ def world(
     root: RootOpt = Path("."),
     preview: Annotated[
         int | None,
-        typer.Option(help="only write a PNG contact sheet of N val scenes of the existing world, with captions"),
+        typer.Option(
+            help="only write a PNG contact sheet of N val scenes of the existing world, with captions"
+        ),
     ] = None,
-    preview_out: Annotated[Path, typer.Option(help="where --preview writes")] = Path("reports/world_preview.png"),
+    preview_out: Annotated[Path, typer.Option(help="where --preview writes")] = Path(
+        "reports/world_preview.png"
+    ),
 ) -> None:
     """Stage `world`: generate the synthetic shapes world into data/world (params: world)."""
     from vlpipe.stages import world as stage
@@ -126,9 +134,13 @@ def submit(
 
 @import_app.command("lxmert")
 def import_lxmert_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="model_LXRT.pth (pickle, read weights_only) or an HF directory")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="model_LXRT.pth (pickle, read weights_only) or an HF directory")
+    ],
     out: Annotated[Path, typer.Argument(help="directory to write (config.json + model.safetensors)")],
-    heads: Annotated[int | None, typer.Option(help="attention heads (not stored in weights; default hidden/64)")] = None,
+    heads: Annotated[
+        int | None, typer.Option(help="attention heads (not stored in weights; default hidden/64)")
+    ] = None,
 ) -> None:
     """Convert a reference LXMERT pre-training checkpoint into our HF layout (usable as pretrain.lxmert.init)."""
     from vlpipe.models.convert import import_lxmert
@@ -169,6 +181,24 @@ def export_tsv(
     from vlpipe.features.store import export_lxmert_tsv
 
     export_lxmert_tsv(store, tsv)
+
+
+@app.command("preset")
+def preset(
+    name: Annotated[str, typer.Argument(help="tiny (the CPU default) or lxmert-base (the paper's recipe)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="params file to write")] = Path("params.yaml"),
+) -> None:
+    """Write a whole params file for a named preset (then `dvc repro` or `dvc exp run` it)."""
+    import yaml
+
+    from vlpipe.config import preset_params
+    from vlpipe.io import atomic_file
+
+    data = preset_params(name)
+    with atomic_file(out) as f:
+        f.write(f"# vlpipe params: preset {name!r} (written by `vlpipe preset {name}`).\n")
+        f.write(yaml.safe_dump(data, sort_keys=False))
+    typer.echo(f"wrote preset {name!r} to {out}")
 
 
 @app.command("check-params")

@@ -47,7 +47,7 @@ def make_pretrain_collate(
 
     def collate(batch: list[Example]) -> dict[str, torch.Tensor]:
         text = tokenizer(
-            [ex.sent for ex in batch], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+            [ex.sent for ex in batch], padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
         )
         vis = visual([ex.img_ids[0] for ex in batch])
         qa = torch.zeros(len(batch), len(ans2label))  # (B, A) soft scores

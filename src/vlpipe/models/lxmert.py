@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from transformers import LxmertConfig, LxmertModel
 
 from vlpipe.config import LxmertModelParams
+from vlpipe.data.visual import RegionInputs
 from vlpipe.io import atomic_dir, read_json
 from vlpipe.models.layers import AnswerHead, HeadTransform, MaskedLMHead, init_bert_weights
 
@@ -51,14 +52,20 @@ def lxmert_config(
     num_object_labels: int,
     num_attr_labels: int,
     num_answers: int,
+    feat_stats: tuple[list[float], list[float]] | None = None,
 ) -> LxmertConfig:
     """Build the transformers ``LxmertConfig`` from our params and the upstream size facts.
 
     vocab_size comes from the tokenizer, visual_feat_dim / visual_pos_dim from the feature
     store's meta.json, object / attribute label counts from the detector's meta.json and
-    num_answers from the pre-training answer table. ``qa_loss`` and ``max_text_length``
-    travel as extra keys (transformers ignores them).
+    num_answers from the pre-training answer table. ``qa_loss``, ``max_text_length``,
+    ``max_boxes`` and the input statistics ``visual_feat_mean`` / ``visual_feat_std`` (D,)
+    (``feat_stats``, when ``standardize_features``) travel as extra keys (transformers ignores
+    them), so every later user of the checkpoint feeds it what it was trained on.
     """
+    if params.standardize_features and feat_stats is None:
+        raise ValueError("standardize_features needs feat_stats (mean, std) of the pre-training features")
+    mean, std = feat_stats if params.standardize_features and feat_stats is not None else (None, None)
     return LxmertConfig(
         vocab_size=vocab_size,
         hidden_size=params.hidden_size,
@@ -87,6 +94,25 @@ def lxmert_config(
         visual_feat_loss=params.task_feat,
         qa_loss=params.qa_loss,
         max_text_length=params.max_text_length,
+        max_boxes=params.max_boxes,
+        visual_feat_mean=mean,
+        visual_feat_std=std,
+    )
+
+
+def max_boxes_of(config: LxmertConfig) -> int | None:
+    """The ``max_boxes`` a model was trained with (None: all boxes, e.g. reference checkpoints)."""
+    value = getattr(config, "max_boxes", None)
+    return None if value is None else int(value)
+
+
+def region_inputs(config: LxmertConfig, store_dir: str | Path) -> RegionInputs:
+    """The region source a model was trained with: its ``max_boxes`` and input statistics."""
+    return RegionInputs(
+        store_dir,
+        max_boxes_of(config),
+        getattr(config, "visual_feat_mean", None),
+        getattr(config, "visual_feat_std", None),
     )
 
 
@@ -175,9 +201,15 @@ class Lxmert(nn.Module):
         self.visual_tasks = _enabled_visual_tasks(config)
         self.lxmert = LxmertModel(config)
         self.cls = PreTrainingHeads(self.lxmert.embeddings.word_embeddings)
-        dims = {"obj": config.num_object_labels, "attr": config.num_attr_labels, "feat": config.visual_feat_dim}
+        dims = {
+            "obj": config.num_object_labels,
+            "attr": config.num_attr_labels,
+            "feat": config.visual_feat_dim,
+        }
         if self.visual_tasks:
-            self.obj_predict_head = ObjectPredictionHead(config.hidden_size, {k: dims[k] for k in self.visual_tasks})
+            self.obj_predict_head = ObjectPredictionHead(
+                config.hidden_size, {k: dims[k] for k in self.visual_tasks}
+            )
         if config.task_qa:
             self.answer_head = AnswerHead(config.hidden_size, config.num_qa_labels)
         self._init_heads()
@@ -274,7 +306,9 @@ class Lxmert(nn.Module):
             if out.feat_pred is not None and t["feat_targets"] is not None:
                 losses["feat"] = weight * feature_regression_loss(out.feat_pred, t["feat_targets"], mask)
         if out.qa_logits is not None and t["qa_targets"] is not None:
-            valid = t["qa_valid"] if t["qa_valid"] is not None else torch.ones_like(t["qa_targets"][:, 0]).bool()
+            valid = (
+                t["qa_valid"] if t["qa_valid"] is not None else torch.ones_like(t["qa_targets"][:, 0]).bool()
+            )
             if t["matched_label"] is not None:
                 valid = valid & t["matched_label"].bool()  # QA only on matching pairs
             losses["qa"] = answer_loss(out.qa_logits, t["qa_targets"], valid, self.qa_loss)
@@ -307,6 +341,11 @@ class LxmertEncoder(nn.Module):
     def max_text_length(self) -> int:
         """Tokens per sentence used in pre-training (LXMERT: 20); HF configs lack it."""
         return int(getattr(self.lxmert.config, "max_text_length", 20))
+
+    @property
+    def max_boxes(self) -> int | None:
+        """Regions per image used in pre-training (None: all of the store's); HF configs lack it."""
+        return max_boxes_of(self.lxmert.config)
 
     def forward(
         self,
@@ -346,7 +385,9 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def visual_class_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Per-box cross-entropy x weight (detector confidence x mask), averaged over all boxes."""
     # (B, N, C), (B, N), (B, N) -> scalar; the mean over *all* boxes is why LXMERT scales by 6.67
-    per_box = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="none")
+    per_box = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="none"
+    )
     return (per_box * weight.reshape(-1)).mean()
 
 
@@ -485,7 +526,9 @@ def mask_pretrain_batch(
     text_keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch]
     out = dict(batch)
     if params.task_matched:
-        text, matched = swap_sentences({k: batch[k] for k in text_keys}, prob=params.match_swap_prob, generator=generator)
+        text, matched = swap_sentences(
+            {k: batch[k] for k in text_keys}, prob=params.match_swap_prob, generator=generator
+        )
         out.update(text, matched_label=matched)
     ids = out["input_ids"]  # (B, L)
     special = torch.isin(ids, torch.tensor(special_token_ids, device=ids.device))
@@ -517,6 +560,7 @@ def build_lxmert(
     num_object_labels: int,
     num_attr_labels: int,
     num_answers: int,
+    feat_stats: tuple[list[float], list[float]] | None = None,
 ) -> Lxmert:
     """A freshly initialised LXMERT (seed torch before calling for reproducible weights)."""
     return Lxmert(
@@ -528,6 +572,7 @@ def build_lxmert(
             num_object_labels=num_object_labels,
             num_attr_labels=num_attr_labels,
             num_answers=num_answers,
+            feat_stats=feat_stats,
         )
     )
 

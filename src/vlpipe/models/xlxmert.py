@@ -63,7 +63,9 @@ _ENCODER_FIELDS = (
 # --------------------------------------------------------------------------- config
 
 
-def xlxmert_config(params: XlxmertModelParams, *, vocab_size: int, feat_dim: int, num_clusters: int, grid: int) -> LxmertConfig:
+def xlxmert_config(
+    params: XlxmertModelParams, *, vocab_size: int, feat_dim: int, num_clusters: int, grid: int
+) -> LxmertConfig:
     """The ``LxmertConfig`` of an X-LXMERT: LXMERT's sizes without its region heads, plus
     ``num_clusters`` (K), ``grid`` (G) and the round-robin ``tasks`` as extra keys.
 
@@ -78,6 +80,8 @@ def xlxmert_config(params: XlxmertModelParams, *, vocab_size: int, feat_dim: int
         task_attr=False,
         task_feat=False,
         task_qa=False,
+        max_boxes=None,  # every grid cell
+        standardize_features=False,  # centroids are standardised by the model itself
     )
     config = lxmert_config(
         lx, vocab_size=vocab_size, visual_feat_dim=feat_dim, visual_pos_dim=4,
@@ -93,22 +97,48 @@ def xlxmert_config(params: XlxmertModelParams, *, vocab_size: int, feat_dim: int
 # ---------------------------------------------------------------------- modules
 
 
+def centroid_stats(centroids: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std (floored) of the (K, D) centroids: the fixed standardisation
+    through which X-LXMERT and its image generator read them."""
+    c = (
+        torch.as_tensor(np.asarray(centroids, dtype=np.float32))
+        if isinstance(centroids, np.ndarray)
+        else centroids
+    )
+    return c.mean(0), c.std(0, unbiased=False).clamp(min=1e-3)
+
+
 class ClusterEmbedding(nn.Module):
     """Visual input of pre-training: frozen centroids looked up by cluster id, and a learned
-    mask vector (in the centroid space, D) for masked cells.
+    mask vector for masked cells.
 
-    ``centroids`` is a buffer, so no optimizer ever sees it; it is saved with the model so a
-    pre-trained directory is self-contained (painting needs it).
+    The model reads the centroids *standardised* per dimension with the codebook's own
+    statistics, ``(c - mean) / std``: detector features share a large common component
+    (here |c| ~ 74 with a per-dimension mean of ~4 against a spread of ~2 between centroids),
+    which would swamp both the input projection and the tied output layer. It is a fixed
+    affine map of the frozen centroids, folded back into the input layer for fine-tuning on
+    raw grid features (:func:`load_pretrained_encoder`).
+
+    ``centroids`` (raw) is a buffer, so no optimizer ever sees it; it is saved with the model
+    so a pre-trained directory is self-contained (painting needs it).
     """
 
     def __init__(self, centroids: torch.Tensor):
         super().__init__()
         self.register_buffer("centroids", centroids.detach().clone().float())  # (K, D)
-        self.mask_feat = nn.Parameter(torch.zeros(centroids.shape[1]))  # (D,) zero-initialised as the reference
+        mean, std = centroid_stats(self.centroids)
+        self.register_buffer("mean", mean, persistent=False)  # (D,): follows from the centroids
+        self.register_buffer("std", std, persistent=False)  # (D,)
+        self.mask_feat = nn.Parameter(torch.zeros(centroids.shape[1]))  # (D,) zero-init as the reference
+
+    @property
+    def standardised(self) -> torch.Tensor:
+        """(K, D) centroids in the model's input space."""
+        return (self.centroids - self.mean) / self.std
 
     def forward(self, cluster_ids: torch.Tensor, masked: torch.Tensor | None = None) -> torch.Tensor:
         # cluster_ids (B, N) long, masked (B, N) bool -> (B, N, D)
-        feats = F.embedding(cluster_ids, self.centroids)
+        feats = F.embedding(cluster_ids, self.standardised)
         if masked is None:
             return feats
         return torch.where(masked[..., None], self.mask_feat.to(feats.dtype).expand_as(feats), feats)
@@ -117,9 +147,9 @@ class ClusterEmbedding(nn.Module):
 class ClusterPredictionHead(nn.Module):
     """Cluster id of each cell with output weights tied to the (frozen) centroids.
 
-    hidden (B, N, H) -> transform (BERT head transform) -> proj to D -> dot with each centroid
-    (K, D) + a per-cluster bias -> (B, N, K). The centroids are passed in, never copied, so
-    the tie cannot drift.
+    hidden (B, N, H) -> transform (BERT head transform) -> proj to D -> dot with each
+    (standardised) centroid (K, D) + a per-cluster bias -> (B, N, K). The centroids are passed
+    in, never copied, so the tie cannot drift.
     """
 
     def __init__(self, hidden: int, feat_dim: int, num_clusters: int):
@@ -229,7 +259,9 @@ class XLxmert(nn.Module):
             pooled_output=enc.pooled_output,  # (B, H)
             mlm_logits=self.cls.predictions(enc.language_output),  # (B, L, V)
             match_logits=self.cls.seq_relationship(enc.pooled_output),  # (B, 2)
-            cluster_logits=self.cluster_head(enc.vision_output, self.centroids),  # (B, N, K)
+            cluster_logits=self.cluster_head(
+                enc.vision_output, self.visual_embedding.standardised
+            ),  # (B, N, K)
         )
         out.losses = self._losses(out, mlm_labels, matched_label, cluster_labels)
         return out
@@ -318,7 +350,9 @@ def build_xlxmert(
     cent = torch.as_tensor(np.asarray(centroids, dtype=np.float32))
     if cent.ndim != 2:
         raise ValueError(f"centroids must be (K, D), got {tuple(cent.shape)}")
-    config = xlxmert_config(params, vocab_size=vocab_size, feat_dim=cent.shape[1], num_clusters=cent.shape[0], grid=grid)
+    config = xlxmert_config(
+        params, vocab_size=vocab_size, feat_dim=cent.shape[1], num_clusters=cent.shape[0], grid=grid
+    )
     return XLxmert(config, cent)
 
 
@@ -330,7 +364,9 @@ def save_xlxmert(model: XLxmert, directory: str | Path) -> None:
     """
     config = model.config.to_dict()
     state = {
-        k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in (TIED_KEY, STEP_KEY)
+        k: v.detach().contiguous().cpu()
+        for k, v in model.state_dict().items()
+        if k not in (TIED_KEY, STEP_KEY)
     }
     with atomic_dir(directory) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -362,13 +398,22 @@ def load_xlxmert(directory: str | Path) -> XLxmert:
 
 def load_pretrained_encoder(model_dir: str | Path, *, pretrained: bool = True) -> LxmertEncoder:
     """The X-LXMERT encoder as a task encoder: ``encoder(**inputs) -> pooled (B, H)``, with
-    ``.hidden_size``, ``.config`` and ``.max_text_length``; its inputs are continuous grid
+    ``.hidden_size``, ``.config`` and ``.max_text_length``; its inputs are continuous, raw grid
     features (``GridInputs``: visual_feats (B, G*G, D), visual_pos (B, G*G, 4)).
 
-    ``pretrained=False`` gives the same architecture with fresh weights (the from-scratch
-    baseline); seed torch before calling for reproducible weights.
+    Pre-training standardised the centroids, (x - mean) / std; that affine map is folded into
+    the first visual layer, W' = W / std, b' = b - W' mean, so the encoder reads raw features
+    in the centroids' space exactly as it read the centroids. ``pretrained=False`` gives the
+    same architecture with fresh weights (the from-scratch baseline; seed torch first).
     """
     model_dir = Path(model_dir)
     if not pretrained:
         return LxmertEncoder(LxmertModel(_read_config(model_dir)))
-    return LxmertEncoder(load_xlxmert(model_dir).lxmert)
+    model = load_xlxmert(model_dir)
+    fc = model.lxmert.encoder.visn_fc.visn_fc  # Linear(D -> H)
+    emb = model.visual_embedding
+    with torch.no_grad():
+        weight = fc.weight / emb.std  # (H, D)
+        fc.bias.sub_(weight @ emb.mean)
+        fc.weight.copy_(weight)
+    return LxmertEncoder(model.lxmert)

@@ -17,7 +17,7 @@ import torch
 from vlpipe.config import FinetuneParams, LxmertPretrainParams, load_section
 from vlpipe.data.examples import ExampleDataset
 from vlpipe.data.tokenizer import load_tokenizer
-from vlpipe.data.visual import RegionInputs
+from vlpipe.data.visual import RegionInputs, feature_statistics
 from vlpipe.errors import InputError
 from vlpipe.io import atomic_dir, read_json, read_meta, write_json, write_metrics
 
@@ -43,33 +43,44 @@ def _clear_checkpoints(root: Path, name: str) -> None:
 def run_pretrain(params_path: Path, root: Path) -> None:
     from vlpipe.data.pretrain import make_pretrain_collate, pretrain_answer_table, pretrain_examples
     from vlpipe.models.convert import load_reference_checkpoint
-    from vlpipe.models.lxmert import build_lxmert, mask_pretrain_batch, save_lxmert
+    from vlpipe.models.lxmert import build_lxmert, mask_pretrain_batch, region_inputs, save_lxmert
     from vlpipe.train.loop import fit, seed_everything
 
     p: LxmertPretrainParams = load_section("pretrain", params_path).lxmert
     tok = load_tokenizer(root / TOKENIZER)
-    visual = RegionInputs(root / REGION)
+    raw = RegionInputs(root / REGION, p.model.max_boxes)
     det = read_meta(root / DETECTOR)
     train_ex = pretrain_examples(root / WORLD / "lxmert/train.json")
     val_ex = pretrain_examples(root / WORLD / "lxmert/val.json")[: p.val_max_examples]
     label2ans = pretrain_answer_table(train_ex, p.min_answer_count)
     ans2label = {a: i for i, a in enumerate(label2ans)}
 
+    stats = (
+        feature_statistics(raw, [ex.img_ids[0] for ex in train_ex]) if p.model.standardize_features else None
+    )
     seed_everything(p.train.seed)
     model = build_lxmert(
         p.model,
         vocab_size=len(tok),
-        visual_feat_dim=visual.feat_dim,
-        visual_pos_dim=visual.pos_dim,
+        visual_feat_dim=raw.feat_dim,
+        visual_pos_dim=raw.pos_dim,
         num_object_labels=len(det["objects"]),
         num_attr_labels=len(det["attributes"]),
         num_answers=len(label2ans),
+        feat_stats=stats,
     )
+    visual = region_inputs(model.config, root / REGION)
     if p.init:
         # A reference checkpoint's own answer table differs from ours: keep our fresh QA head.
-        load_reference_checkpoint(model, p.init, allow_missing=("answer_head.",), allow_unexpected=("answer_head.",))
+        load_reference_checkpoint(
+            model, p.init, allow_missing=("answer_head.",), allow_unexpected=("answer_head.",)
+        )
     collate = make_pretrain_collate(tok, visual, ans2label, p.model.max_text_length)
-    mask_kw = {"mask_token_id": tok.mask_token_id, "special_token_ids": tok.all_special_ids, "vocab_size": len(tok)}
+    mask_kw = {
+        "mask_token_id": tok.mask_token_id,
+        "special_token_ids": tok.all_special_ids,
+        "vocab_size": len(tok),
+    }
 
     def loss_fn(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return m(**mask_pretrain_batch(batch, p.model, **mask_kw)).losses
@@ -77,7 +88,9 @@ def run_pretrain(params_path: Path, root: Path) -> None:
     def eval_fn(m: torch.nn.Module, step: int) -> dict[str, float]:
         return pretrain_val_metrics(m, val_ex, collate, p, mask_kw)
 
-    fingerprint = json.dumps({"model": p.model.model_dump(mode="json"), "init": p.init, "answers": len(label2ans)})
+    fingerprint = json.dumps(
+        {"model": p.model.model_dump(mode="json"), "init": p.init, "answers": len(label2ans)}
+    )
     result = fit(
         model, loss_fn, ExampleDataset(train_ex), collate, p.train, root / RUNS / "pretrain-lxmert",
         eval_fn=eval_fn, live_dir=root / LIVE / "pretrain-lxmert", fingerprint=fingerprint,
@@ -85,7 +98,9 @@ def run_pretrain(params_path: Path, root: Path) -> None:
     with atomic_dir(root / PRETRAINED / "lxmert") as tmp:
         save_lxmert(result.model, tmp)
         write_json(tmp / "answers.json", label2ans)
-        write_json(tmp / "meta.json", {"model": "lxmert", "num_answers": len(label2ans), "feature_kind": "region"})
+        write_json(
+            tmp / "meta.json", {"model": "lxmert", "num_answers": len(label2ans), "feature_kind": "region"}
+        )
     metrics = {"val": result.eval_metrics, "train": result.losses, "steps": result.step,
                "train_examples": len(train_ex), "samples_per_second": result.samples_per_second}  # fmt: skip
     write_metrics(root / "metrics/pretrain/lxmert.json", metrics)
@@ -163,9 +178,16 @@ def build_task_model(p: FinetuneParams, task: Any, root: Path):
     head = task.build_head(encoder.hidden_size)
     copied = 0
     if p.init == "pretrained" and hasattr(pre, "answer_head") and hasattr(task, "label2ans"):
-        old = {k.removeprefix("answer_head."): v for k, v in pre.answer_head.state_dict(prefix="answer_head.").items()}
+        old = {
+            k.removeprefix("answer_head."): v
+            for k, v in pre.answer_head.state_dict(prefix="answer_head.").items()
+        }
         new_state, copied = transfer_answer_head(
-            old, read_json(pre_dir / "answers.json"), task.label2ans, init=head.state_dict(), prefix="logit_fc.3."
+            old,
+            read_json(pre_dir / "answers.json"),
+            task.label2ans,
+            init=head.state_dict(),
+            prefix="logit_fc.3.",
         )
         head.load_state_dict(new_state)
     return TaskModel(encoder, head, task.num_images), copied
@@ -179,8 +201,10 @@ def run_finetune(key: str, params_path: Path, root: Path) -> None:
     p = _finetune_params(key, params_path)
     task = TASKS[p.task](root / WORLD)
     tok = load_tokenizer(root / TOKENIZER)
-    visual = RegionInputs(root / REGION)
+    from vlpipe.models.lxmert import region_inputs
+
     model, copied = build_task_model(p, task, root)
+    visual = region_inputs(model.encoder.config, root / REGION)
     max_len = int(model.encoder.max_text_length)
     collate = make_collate(task, tok, visual, max_len)
     train_ex, val_ex = task.examples("train"), task.examples("val")
@@ -234,7 +258,9 @@ def load_task_model(model_dir: Path, task: Any):
 
     info = read_json(model_dir / "task.json")
     if info["task"] != task.name:
-        raise InputError(model_dir / "task.json", f"model was fine-tuned for {info['task']!r}, not {task.name!r}")
+        raise InputError(
+            model_dir / "task.json", f"model was fine-tuned for {info['task']!r}, not {task.name!r}"
+        )
     config = LxmertConfig.from_dict(read_json(model_dir / "config.json"))
     encoder = LxmertEncoder(LxmertModel(config))
     model = TaskModel(encoder, task.build_head(encoder.hidden_size), task.num_images)
@@ -250,13 +276,14 @@ def run_submit(key: str, params_path: Path, root: Path) -> None:
     """Predict the test split into the official file under leaderboard/<key>/ and score it
     against the hidden answers (the local leaderboard, the only reader of data/world/hidden)."""
     from vlpipe.eval.leaderboard import score_submission
+    from vlpipe.models.lxmert import region_inputs
     from vlpipe.tasks import TASKS
     from vlpipe.tasks.base import make_collate, predict_all
 
     p = _finetune_params(key, params_path)
     task = TASKS[p.task](root / WORLD)
     model = load_task_model(root / FINETUNED / key, task)
-    collate = make_collate(task, load_tokenizer(root / TOKENIZER), RegionInputs(root / REGION),
+    collate = make_collate(task, load_tokenizer(root / TOKENIZER), region_inputs(model.encoder.config, root / REGION),
                            int(model.encoder.max_text_length), with_targets=False)  # fmt: skip
     preds = predict_all(model, task, task.examples("test"), collate, p.eval_batch_size)
     with atomic_dir(root / "leaderboard" / key) as tmp:

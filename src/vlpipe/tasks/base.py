@@ -112,7 +112,7 @@ def make_collate(
     def collate(batch: list[Example]) -> dict[str, Any]:
         sents = [ex.sent for ex in batch for _ in ex.img_ids]
         img_ids = [i for ex in batch for i in ex.img_ids]
-        text = tokenizer(sents, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+        text = tokenizer(sents, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
         vis = visual(img_ids)
         inputs = {
             "input_ids": text["input_ids"],  # (B * n, L)
