@@ -869,10 +869,15 @@ class FinetuneParams(Strict):
 
 
 def _default_finetune() -> dict[str, FinetuneParams]:
+    # Epochs measured on the default world (val): VQA 4 -> 0.823, 8 -> 0.934; GQA 4 -> 0.649,
+    # 12 -> 0.709; NLVR2 stays at chance at 4 and at 10 (see README), so it keeps 4.
+    def train(epochs: int) -> TrainParams:
+        return TrainParams(lr=1e-3, batch_size=64, epochs=epochs)
+
     return {
-        "lxmert-vqa": FinetuneParams(model="lxmert", task="vqa"),
-        "lxmert-gqa": FinetuneParams(model="lxmert", task="gqa"),
-        "lxmert-nlvr2": FinetuneParams(model="lxmert", task="nlvr2"),
+        "lxmert-vqa": FinetuneParams(model="lxmert", task="vqa", train=train(8)),
+        "lxmert-gqa": FinetuneParams(model="lxmert", task="gqa", train=train(12)),
+        "lxmert-nlvr2": FinetuneParams(model="lxmert", task="nlvr2", train=train(4)),
     }
 
 
