@@ -20,8 +20,14 @@ def repo_root() -> Path:
     return REPO
 
 
+FAST = {"max_steps": 3, "batch_size": 8, "log_every": 1}
+SMALL = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
+
+
 def tiny_overrides() -> dict:
     """Overrides of the default params that make the whole DAG run in seconds."""
+    from vlpipe.config import dump_defaults
+
     return {
         "world": {
             "scene": {"n_train": 48, "n_val": 16, "n_test": 16},
@@ -34,14 +40,20 @@ def tiny_overrides() -> dict:
         "pretrain": {
             "lxmert": {
                 "model": {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64},
-                "train": {"max_steps": 3, "batch_size": 8, "log_every": 1},
+                "train": dict(FAST),
                 "val_max_examples": 16,
-            }
+            },
+            "xlxmert": {"model": dict(SMALL), "train": dict(FAST), "val_max_examples": 16},
+            "vlp": {"model": dict(SMALL), "train": dict(FAST), "val_max_examples": 16},
+            "xvlm": {"train": dict(FAST), "val_max_images": 8},
         },
+        "generator": {"train": dict(FAST), "val_max_images": 8},
+        "paint": {"num_captions": 8, "steps": 2, "sheet_size": 4, "rprecision_candidates": 4},
         "finetune": {
-            key: {"model": "lxmert", "task": key.split("-")[1], "train": {"max_steps": 2, "batch_size": 8, "log_every": 1}}
-            for key in ("lxmert-vqa", "lxmert-gqa", "lxmert-nlvr2")
-        },
+            key: {"train": {"max_steps": 2, "batch_size": 8, "log_every": 1}}
+            for key in dump_defaults()["finetune"]
+        }
+        | {"vlp-caption": {"train": {"max_steps": 2, "batch_size": 8, "log_every": 1}, "beam_size": 2, "max_length": 8}},
     }
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from vlpipe.config import Params, ParamsError, dump_defaults, load_params, load_section
 
@@ -133,3 +134,49 @@ def test_lxmert_base_preset_is_the_papers_recipe(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "vlpipe", "preset", "huge", "--out", str(tmp_path / "x.yaml")],
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "unknown preset" in bad.stderr and not (tmp_path / "x.yaml").exists()
+
+
+def test_every_stage_key_resolves_to_its_runner(tmp_path):
+    """Each default finetune entry dispatches by its (model, task); unknown names are clear errors."""
+    import inspect
+
+    import yaml
+
+    from vlpipe.config import dump_defaults
+    from vlpipe.errors import VlpipeError
+    from vlpipe.stages import FINETUNE, PRETRAIN, stage_runner
+
+    params = tmp_path / "params.yaml"
+    data = dump_defaults()
+    params.write_text(yaml.safe_dump(data))
+    for model in ("lxmert", "xlxmert", "vlp", "xvlm"):
+        assert list(inspect.signature(stage_runner("pretrain", model, params)).parameters) == ["params_path", "root"]
+    for key, entry in data["finetune"].items():
+        module = FINETUNE[(entry["model"], entry["task"])][0]
+        for kind in ("finetune", "submit"):
+            fn = stage_runner(kind, key, params)
+            assert fn.__module__ == f"vlpipe.stages.{module}"
+            assert list(inspect.signature(fn).parameters) == ["key", "params_path", "root"]
+    with pytest.raises(VlpipeError, match="no finetune entry 'lxmert-foo'"):
+        stage_runner("finetune", "lxmert-foo", params)
+    with pytest.raises(VlpipeError, match="unknown model"):
+        stage_runner("pretrain", "clip", params)
+
+
+def test_finetune_entries_are_typed_by_model_and_task(tmp_path):
+    from vlpipe.config import CaptionParams, FinetuneParams, Params, XvlmFinetuneParams
+
+    p = Params.model_validate({"finetune": {
+        "vlp-caption": {"model": "vlp", "task": "caption", "beam_size": 5},
+        "vlp-vqa": {"model": "vlp", "task": "vqa"},
+        "xvlm-refcoco": {"model": "xvlm", "task": "refcoco", "k_test": 4},
+        "xlxmert-gqa": {"model": "xlxmert", "task": "gqa"},
+    }})  # fmt: skip
+    assert isinstance(p.finetune["vlp-caption"], CaptionParams) and p.finetune["vlp-caption"].beam_size == 5
+    assert isinstance(p.finetune["vlp-vqa"], FinetuneParams)
+    assert isinstance(p.finetune["xvlm-refcoco"], XvlmFinetuneParams)
+    assert isinstance(p.finetune["xlxmert-gqa"], FinetuneParams)
+    with pytest.raises(ValidationError, match="beam_size"):
+        Params.model_validate({"finetune": {"vlp-vqa": {"model": "vlp", "task": "vqa", "beam_size": 5}}})
+    with pytest.raises(ValidationError, match="not available"):
+        Params.model_validate({"finetune": {"vlp-gqa": {"model": "vlp", "task": "gqa"}}})

@@ -57,12 +57,17 @@ def test_repro_builds_every_stage_output(built_copy: Path) -> None:
             if "${key}" in path:
                 continue
             assert (built_copy / path).exists(), f"stage {name} did not write {path}"
-    expected = ["world", "tokenizer", "detector", "features_region", "features_grid", "codebook", "pretrain/lxmert"]
-    expected += [f"{kind}/lxmert-{task}" for kind in ("finetune", "leaderboard") for task in ("vqa", "gqa", "nlvr2")]
+    expected = ["world", "tokenizer", "detector", "features_region", "features_grid", "codebook", "generator", "paint"]
+    expected += [f"pretrain/{model}" for model in ("lxmert", "xlxmert", "vlp", "xvlm")]
+    keys = list(yaml.safe_load((built_copy / "params.yaml").read_text())["finetune"])
+    assert len(keys) == 12
+    expected += [f"{kind}/{key}" for kind in ("finetune", "leaderboard") for key in keys]
     for metrics in expected:
         assert (built_copy / "metrics" / f"{metrics}.json").is_file(), metrics
-    assert (built_copy / "leaderboard/lxmert-vqa/test_predict.json").is_file()
+    for model in ("lxmert", "xlxmert", "vlp"):
+        assert (built_copy / f"leaderboard/{model}-vqa/test_predict.json").is_file()
     assert (built_copy / "leaderboard/lxmert-nlvr2/test_predict.csv").is_file()
+    assert (built_copy / "reports/paint.png").stat().st_size > 0
 
 
 def test_second_repro_runs_nothing(built_copy: Path) -> None:
@@ -71,13 +76,14 @@ def test_second_repro_runs_nothing(built_copy: Path) -> None:
     assert "up to date" in r.stdout
 
 
-def test_changed_codebook_param_reruns_only_codebook(built_copy: Path) -> None:
+def test_changed_param_reruns_only_the_stages_that_read_it(built_copy: Path) -> None:
     params = yaml.safe_load((built_copy / "params.yaml").read_text())
-    params["codebook"]["k"] = params["codebook"]["k"] + 1
+    params["finetune"]["vlp-caption"]["beam_size"] += 1  # read by finetune@vlp-caption (and its submit)
+    params["paint"]["steps"] += 1  # read by paint only
     (built_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     r = _run([str(BIN / "dvc"), "repro"], built_copy)
-    ran = [line for line in r.stdout.splitlines() if line.startswith("Running stage")]
-    assert ran == ["Running stage 'codebook':"], r.stdout
+    ran = sorted(line for line in r.stdout.splitlines() if line.startswith("Running stage"))
+    assert ran == [f"Running stage '{s}':" for s in ("finetune@vlp-caption", "paint", "submit@vlp-caption")], r.stdout
 
 
 def test_bad_params_stop_the_pipeline_with_a_clear_error(built_copy: Path) -> None:
@@ -91,3 +97,13 @@ def test_bad_params_stop_the_pipeline_with_a_clear_error(built_copy: Path) -> No
     leftovers = [p.name for p in (built_copy / "data").iterdir() if ".tmp-" in p.name or ".old-" in p.name]
     assert leftovers == []
     assert not (built_copy / "data" / "world").exists() or (built_copy / "data/world/meta.json").is_file()
+
+
+def test_paint_command_paints_one_sentence(built_copy: Path) -> None:
+    out = built_copy / "painted/one.png"
+    r = _run([str(BIN / "vlpipe"), "paint", "a large red circle left of a blue square", "--out", str(out)], built_copy)
+    assert "painted" in r.stdout
+    import cv2
+
+    img = cv2.imread(str(out))
+    assert img is not None and img.shape[0] >= 64 and img.shape[1] >= 64

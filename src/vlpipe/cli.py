@@ -95,17 +95,14 @@ def codebook(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."))
 
 @app.command()
 def pretrain(
-    model: Annotated[str, typer.Argument(help="lxmert")],
+    model: Annotated[str, typer.Argument(help="lxmert, xlxmert, vlp or xvlm")],
     params: ParamsOpt = Path("params.yaml"),
     root: RootOpt = Path("."),
 ) -> None:
     """Stage `pretrain@MODEL`: pre-train a vision-language model (params: pretrain.MODEL)."""
-    from vlpipe.stages import lxmert
+    from vlpipe.stages import stage_runner
 
-    runners = {"lxmert": lxmert.run_pretrain}
-    if model not in runners:
-        raise VlpipeError(f"unknown model {model!r}; expected one of {sorted(runners)}")
-    runners[model](params, root)
+    stage_runner("pretrain", model, params)(params, root)
 
 
 @app.command()
@@ -115,9 +112,9 @@ def finetune(
     root: RootOpt = Path("."),
 ) -> None:
     """Stage `finetune@KEY`: fine-tune on a downstream task, val metrics (params: finetune.KEY)."""
-    from vlpipe.stages import lxmert
+    from vlpipe.stages import stage_runner
 
-    lxmert.run_finetune(key, params, root)
+    stage_runner("finetune", key, params)(key, params, root)
 
 
 @app.command()
@@ -127,9 +124,36 @@ def submit(
     root: RootOpt = Path("."),
 ) -> None:
     """Stage `submit@KEY`: official test submission file + local leaderboard score."""
-    from vlpipe.stages import lxmert
+    from vlpipe.stages import stage_runner
 
-    lxmert.run_submit(key, params, root)
+    stage_runner("submit", key, params)(key, params, root)
+
+
+@app.command()
+def generator(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Stage `generator`: X-LXMERT's SPADE image generator from codebook grids (params: generator)."""
+    from vlpipe.stages import xlxmert
+
+    xlxmert.run_generator(params, root)
+
+
+@app.command()
+def paint(
+    caption: Annotated[
+        str | None, typer.Argument(help="paint this sentence into a PNG instead of running the stage")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG written for CAPTION")] = Path("paint.png"),
+    params: ParamsOpt = Path("params.yaml"),
+    root: RootOpt = Path("."),
+) -> None:
+    """Stage `paint` (val captions -> contact sheet + metrics/paint.json), or paint one CAPTION."""
+    from vlpipe.stages import xlxmert
+
+    if caption is None:
+        xlxmert.run_paint(params, root)
+    else:
+        xlxmert.paint_caption(caption, out, params, root)
+        typer.echo(f"painted {caption!r} into {out}")
 
 
 @import_app.command("lxmert")

@@ -1,7 +1,9 @@
-"""Stages `pretrain@lxmert`, `finetune@lxmert-<task>` and `submit@lxmert-<task>`.
+"""Stages `pretrain@lxmert`, `finetune@{lxmert,xlxmert}-<task>` and `submit@...`.
 
 Pre-training reads params ``pretrain.lxmert``; fine-tuning and submission read
-``finetune.<key>``. Sizes come from upstream meta.json files: vocab (tokenizer), feature
+``finetune.<key>``. X-LXMERT fine-tunes exactly like LXMERT (same task objects, loop and
+metrics); only its encoder (``models/pretrained/xlxmert``) and its visual input (continuous
+grid features instead of regions) differ. Sizes come from upstream meta.json files: vocab (tokenizer), feature
 dim and boxes (region store), object/attribute labels (detector), answers (world).
 """
 
@@ -17,13 +19,14 @@ import torch
 from vlpipe.config import FinetuneParams, LxmertPretrainParams, load_section
 from vlpipe.data.examples import ExampleDataset
 from vlpipe.data.tokenizer import load_tokenizer
-from vlpipe.data.visual import RegionInputs, feature_statistics
+from vlpipe.data.visual import GridInputs, RegionInputs, feature_statistics
 from vlpipe.errors import InputError
 from vlpipe.io import atomic_dir, read_json, read_meta, write_json, write_metrics
 
 WORLD = Path("data/world")
 TOKENIZER = Path("data/tokenizer")
 REGION = Path("data/features/region")
+GRID = Path("data/features/grid")
 DETECTOR = Path("models/detector")
 PRETRAINED = Path("models/pretrained")
 FINETUNED = Path("models/finetuned")
@@ -154,6 +157,16 @@ def _finetune_params(key: str, params_path: Path) -> FinetuneParams:
     return section[key]
 
 
+def visual_inputs(model: str, config: Any, root: Path) -> Any:
+    """What a fine-tuned encoder reads: LXMERT region features (with the checkpoint's box cap
+    and input statistics) or X-LXMERT continuous grid features."""
+    if model == "xlxmert":
+        return GridInputs(root / GRID)
+    from vlpipe.models.lxmert import region_inputs
+
+    return region_inputs(config, root / REGION)
+
+
 def build_task_model(p: FinetuneParams, task: Any, root: Path):
     """Encoder initialised per ``p.init`` + a fresh task head (QA rows transferred from the
     pre-training answer head where answers overlap, as LXMERT's ``load_lxmert_qa``)."""
@@ -166,6 +179,13 @@ def build_task_model(p: FinetuneParams, task: Any, root: Path):
 
     pre_dir = root / PRETRAINED / p.model
     seed_everything(p.train.seed)
+    if p.model == "xlxmert":
+        # No QA pre-training in X-LXMERT: nothing to transfer into the head.
+        from vlpipe.models.xlxmert import load_pretrained_encoder
+
+        source = pre_dir if p.init in ("pretrained", "scratch") else Path(p.init)
+        encoder = load_pretrained_encoder(source, pretrained=p.init != "scratch")
+        return TaskModel(encoder, task.build_head(encoder.hidden_size), task.num_images), 0
     if p.init == "pretrained":
         pre = load_lxmert(pre_dir)
     elif p.init == "scratch":
@@ -201,10 +221,8 @@ def run_finetune(key: str, params_path: Path, root: Path) -> None:
     p = _finetune_params(key, params_path)
     task = TASKS[p.task](root / WORLD)
     tok = load_tokenizer(root / TOKENIZER)
-    from vlpipe.models.lxmert import region_inputs
-
     model, copied = build_task_model(p, task, root)
-    visual = region_inputs(model.encoder.config, root / REGION)
+    visual = visual_inputs(p.model, model.encoder.config, root)
     max_len = int(model.encoder.max_text_length)
     collate = make_collate(task, tok, visual, max_len)
     train_ex, val_ex = task.examples("train"), task.examples("val")
@@ -261,6 +279,8 @@ def load_task_model(model_dir: Path, task: Any):
         raise InputError(
             model_dir / "task.json", f"model was fine-tuned for {info['task']!r}, not {task.name!r}"
         )
+    if info.get("model") not in ("lxmert", "xlxmert"):
+        raise InputError(model_dir / "task.json", f"not an LXMERT / X-LXMERT task model: {info.get('model')!r}")
     config = LxmertConfig.from_dict(read_json(model_dir / "config.json"))
     encoder = LxmertEncoder(LxmertModel(config))
     model = TaskModel(encoder, task.build_head(encoder.hidden_size), task.num_images)
@@ -276,15 +296,15 @@ def run_submit(key: str, params_path: Path, root: Path) -> None:
     """Predict the test split into the official file under leaderboard/<key>/ and score it
     against the hidden answers (the local leaderboard, the only reader of data/world/hidden)."""
     from vlpipe.eval.leaderboard import score_submission
-    from vlpipe.models.lxmert import region_inputs
     from vlpipe.tasks import TASKS
     from vlpipe.tasks.base import make_collate, predict_all
 
     p = _finetune_params(key, params_path)
     task = TASKS[p.task](root / WORLD)
     model = load_task_model(root / FINETUNED / key, task)
-    collate = make_collate(task, load_tokenizer(root / TOKENIZER), region_inputs(model.encoder.config, root / REGION),
-                           int(model.encoder.max_text_length), with_targets=False)  # fmt: skip
+    visual = visual_inputs(p.model, model.encoder.config, root)
+    collate = make_collate(task, load_tokenizer(root / TOKENIZER), visual, int(model.encoder.max_text_length),
+                           with_targets=False)  # fmt: skip
     preds = predict_all(model, task, task.examples("test"), collate, p.eval_batch_size)
     with atomic_dir(root / "leaderboard" / key) as tmp:
         task.write_submission(preds, tmp)

@@ -1,0 +1,524 @@
+"""Stages `pretrain@xvlm`, `finetune@xvlm-<task>` and `submit@xvlm-<task>` (X-VLM, Zeng et al. 2022).
+
+Pre-training reads params ``pretrain.xvlm``; fine-tuning and submission read
+``finetune.xvlm-<task>`` (task: retrieval, refcoco, vqa, nlvr2). X-VLM sees pixels, so the
+only upstream stages are ``world`` (images and text) and ``tokenizer`` (vocabulary).
+
+Each ``run_*`` reads params.yaml and calls the function of the same name without ``run_``
+(``pretrain``, ``finetune``, ``submit``), which takes the validated params object instead.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from vlpipe.config import XvlmFinetuneParams, XvlmModelParams, XvlmPretrainParams, load_section
+from vlpipe.data.examples import Example, ExampleDataset
+from vlpipe.data.formats.refcoco import box_to_cxcywh, read_refcoco
+from vlpipe.data.images import image_to_tensor, read_image
+from vlpipe.data.tokenizer import load_tokenizer
+from vlpipe.errors import InputError
+from vlpipe.io import atomic_dir, read_json, write_json, write_metrics
+
+WORLD = Path("data/world")
+TOKENIZER = Path("data/tokenizer")
+PRETRAINED = Path("models/pretrained")
+FINETUNED = Path("models/finetuned")
+LEADERBOARD = Path("leaderboard")
+RUNS = Path("runs")  # persistent checkpoints (DVC `persist: true`) so a killed stage resumes
+LIVE = Path("dvclive")
+MODEL = "xvlm"
+
+
+# ------------------------------------------------------------------ visual source
+
+
+class PixelInputs:
+    """Pixels of the world's images for a batch of img_ids: ``{"pixel_values": (B, 3, S, S)}``.
+
+    Images are read from ``root / pattern`` (``images/{img_id}.png`` in the world), resized to
+    ``image_size`` when needed and normalised like the detector's input (BGR, about [-1, 1]).
+    Decoded images are kept in memory (the world's 4000 64x64 images take 50 MB).
+    """
+
+    kind = "pixels"
+
+    def __init__(self, root: str | Path, image_size: int, pattern: str = "images/{img_id}.png"):
+        self.root = Path(root)
+        self.image_size = image_size
+        self.pattern = pattern
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def _load(self, img_id: str) -> torch.Tensor:
+        img = read_image(self.root / self.pattern.format(img_id=img_id))  # (H, W, 3) uint8 BGR
+        if img.shape[:2] != (self.image_size, self.image_size):
+            img = cv2.resize(img, (self.image_size, self.image_size), interpolation=cv2.INTER_AREA)
+        return image_to_tensor(np.ascontiguousarray(img))  # (3, S, S)
+
+    def __call__(self, img_ids: Sequence[str]) -> dict[str, torch.Tensor]:
+        for img_id in img_ids:
+            if img_id not in self._cache:
+                self._cache[img_id] = self._load(img_id)
+        return {"pixel_values": torch.stack([self._cache[i] for i in img_ids])}
+
+
+# ------------------------------------------------------------- pre-training data
+
+
+Region = tuple[str | None, tuple[float, float, float, float]]  # phrase, normalised (cx, cy, w, h)
+WHOLE_IMAGE: Region = (None, (0.5, 0.5, 1.0, 1.0))  # phrase None: the example's own caption
+
+
+def scene_regions(world_dir: Path, split: str) -> dict[str, list[Region]]:
+    """Objects of the split's scene graphs as ``the <size> <color> <shape>`` with their boxes;
+    only phrases that name one object of the scene (a repeated object has no single box)."""
+    path = world_dir / "scenes" / f"{split}.json"
+    scenes = read_json(path)
+    if not isinstance(scenes, list):
+        raise InputError(path, "expected a list of scene graphs")
+    out: dict[str, list[Region]] = {}
+    for n, scene in enumerate(scenes):
+        try:
+            w, h = scene["width"], scene["height"]
+            named = [(f"the {o['size']} {o['color']} {o['shape']}", o["bbox"]) for o in scene["objects"]]
+        except (KeyError, TypeError) as e:
+            raise InputError(path, f"scene {n}: malformed ({type(e).__name__}: {e})") from e
+        phrases = [phrase for phrase, _ in named]
+        out[scene["img_id"]] = [(ph, box_to_cxcywh(box, w, h)) for ph, box in named if phrases.count(ph) == 1]
+    return out
+
+
+def refcoco_regions(world_dir: Path, split: str) -> dict[str, list[Region]]:
+    """The split's referring expressions with their boxes, by img_id."""
+    out: dict[str, list[Region]] = {}
+    sizes: dict[str, tuple[int, int]] = {}  # (h, w) per image, read once
+    for r in read_refcoco(world_dir / "refcoco" / f"{split}.json", labelled=True):
+        if r["image"] not in sizes:
+            sizes[r["image"]] = read_image(world_dir / r["image"]).shape[:2]
+        h, w = sizes[r["image"]]
+        out.setdefault(Path(r["image"]).stem, []).append((r["text"], box_to_cxcywh(r["bbox"], w, h)))
+    return out
+
+
+def pretrain_examples(world_dir: Path, split: str, sources: Sequence[str]) -> list[Example]:
+    """One example per caption of the split's retrieval file, with every region of its image.
+
+    ``target`` numbers the image (ITC positives); ``info["regions"]`` holds (phrase, box,
+    region number) triples, region numbers unique over the split. An image without any region
+    phrase gets the whole image, described by the caption itself.
+    """
+    from vlpipe.tasks.retrieval import RetrievalSplit, train_examples
+
+    if split == "train":
+        captions = [(ex.img_ids[0], ex.sent) for ex in train_examples(world_dir / "retrieval" / "train.json")]
+    else:
+        rs = RetrievalSplit.read(world_dir / "retrieval" / f"{split}.json")
+        captions = [(rs.images[i], t) for t, i in zip(rs.texts, rs.txt2img, strict=True)]
+    regions: dict[str, list[Region]] = {}
+    readers = {"scenes": scene_regions, "refcoco": refcoco_regions}
+    for source in sources:
+        for img, items in readers[source](world_dir, split).items():
+            regions.setdefault(img, []).extend(items)
+    images = sorted({img for img, _ in captions})
+    index = {img: i for i, img in enumerate(images)}
+    numbered: dict[str, tuple] = {}
+    count = 0
+    for img in images:
+        items = regions.get(img) or [WHOLE_IMAGE]
+        numbered[img] = tuple((phrase, box, count + j) for j, (phrase, box) in enumerate(items))
+        count += len(numbered[img])
+    return [
+        Example(key=n, img_ids=(img,), sent=sent, target=index[img], info={"regions": numbered[img]})
+        for n, (img, sent) in enumerate(captions)
+    ]
+
+
+def make_xvlm_collate(
+    tokenizer: Any,
+    visual: Callable[[Sequence[str]], dict[str, torch.Tensor]],
+    max_length: int,
+    *,
+    regions: bool,
+    generator: torch.Generator | None = None,
+) -> Callable[[list[Example]], dict[str, torch.Tensor]]:
+    """Batches for :meth:`Xvlm.forward`: pixels, captions (padded to the longest), image ids
+    and, with ``regions``, one region phrase per example drawn at random (torch RNG, or
+    ``generator``) from its image's regions. Masking happens in the loss function."""
+
+    def collate(batch: list[Example]) -> dict[str, torch.Tensor]:
+        text = tokenizer([ex.sent for ex in batch], padding="longest", truncation=True, max_length=max_length,
+                         return_tensors="pt")  # fmt: skip
+        out = {
+            "pixel_values": visual([ex.img_ids[0] for ex in batch])["pixel_values"],  # (B, 3, S, S)
+            "input_ids": text["input_ids"],  # (B, L)
+            "attention_mask": text["attention_mask"],
+            "image_ids": torch.tensor([ex.target for ex in batch], dtype=torch.long),  # (B,)
+        }
+        if regions:
+            picked = []
+            for ex in batch:
+                options = ex.info["regions"]
+                picked.append(options[int(torch.randint(len(options), (1,), generator=generator))])
+            texts = [r[0] if r[0] is not None else ex.sent for r, ex in zip(picked, batch, strict=True)]
+            phrases = tokenizer(texts, padding="longest", truncation=True, max_length=max_length,
+                                return_tensors="pt")  # fmt: skip
+            out["region_input_ids"] = phrases["input_ids"]  # (B, Lr)
+            out["region_attention_mask"] = phrases["attention_mask"]
+            out["region_boxes"] = torch.tensor([r[1] for r in picked], dtype=torch.float32)  # (B, 4)
+            out["region_ids"] = torch.tensor([r[2] for r in picked], dtype=torch.long)  # (B,)
+        return out
+
+    return collate
+
+
+# ------------------------------------------------------------------ pre-training
+
+
+def _clear_checkpoints(root: Path, name: str) -> None:
+    """A finished run's checkpoints exist only to resume a killed stage: a later re-run must start fresh."""
+    shutil.rmtree(root / RUNS / name / "checkpoints", ignore_errors=True)
+
+
+def _live(root: Path, name: str) -> Any:
+    from dvclive import Live
+
+    return Live(str(root / LIVE / name), dvcyaml=None, save_dvc_exp=False, report=None)
+
+
+def _inside(model: XvlmModelParams, root: Path) -> XvlmModelParams:
+    """Relative ``vision_init`` / ``text_init`` paths are relative to the repository root."""
+    paths = {k: str(root / v) for k in ("vision_init", "text_init") if (v := getattr(model, k)) and not Path(v).is_absolute()}
+    return model.model_copy(update=paths)
+
+
+def run_pretrain(params_path: Path, root: Path) -> None:
+    """Stage ``pretrain@xvlm``."""
+    pretrain(load_section("pretrain", params_path).xvlm, root)
+
+
+def pretrain(p: XvlmPretrainParams, root: Path) -> dict[str, Any]:
+    """Pre-train X-VLM on the world's training captions and region phrases; write
+    ``models/pretrained/xvlm`` and ``metrics/pretrain/xvlm.json`` (returned)."""
+    from vlpipe.models.xvlm import WholeWordMasker, build_xvlm, count_parameters, write_xvlm_files
+    from vlpipe.train.loop import fit, seed_everything
+
+    world = root / WORLD
+    tok = load_tokenizer(root / TOKENIZER)
+    visual = PixelInputs(world, p.model.image_size)
+    train_ex = pretrain_examples(world, "train", p.region_sources)
+    val_ex = pretrain_examples(world, "val", p.region_sources)
+    seed_everything(p.train.seed)
+    model = build_xvlm(_inside(p.model, root), vocab_size=len(tok))
+    collate = make_xvlm_collate(tok, visual, p.model.max_text_length, regions=True)
+    masker = WholeWordMasker.for_tokenizer(tok, p.model)
+
+    def loss_fn(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return m(**masker(batch)).losses
+
+    def eval_fn(m: torch.nn.Module, step: int) -> dict[str, float]:
+        return pretrain_val_metrics(m, val_ex, tok, visual, masker, p)
+
+    fingerprint = json.dumps({"model": p.model.model_dump(mode="json"), "sources": p.region_sources})
+    result = fit(
+        model, loss_fn, ExampleDataset(train_ex), collate, p.train, root / RUNS / "pretrain-xvlm",
+        eval_fn=eval_fn, live=_live(root, "pretrain-xvlm"), fingerprint=fingerprint,
+    )  # fmt: skip
+    with atomic_dir(root / PRETRAINED / MODEL) as tmp:
+        write_xvlm_files(result.model, tmp)
+        write_json(tmp / "meta.json", {"model": MODEL, "visual_input": "pixels", "image_size": p.model.image_size})
+    metrics = {"val": result.eval_metrics, "train": result.losses, "steps": result.step,
+               "train_examples": len(train_ex), "parameters": count_parameters(result.model),
+               "samples_per_second": result.samples_per_second, "train_seconds": result.train_seconds}  # fmt: skip
+    write_metrics(root / "metrics/pretrain/xvlm.json", metrics)
+    _clear_checkpoints(root, "pretrain-xvlm")
+    return metrics
+
+
+@torch.no_grad()
+def pretrain_val_metrics(
+    model: Any, examples: list[Example], tokenizer: Any, visual: PixelInputs, masker: Any, p: XvlmPretrainParams
+) -> dict[str, float]:
+    """Zero-shot ITC retrieval recalls on val (no re-ranking) and each pre-training loss on a
+    fixed sample of val examples (regions and masks drawn from a fixed generator)."""
+    from vlpipe.eval.retrieval import retrieval_metrics
+    from vlpipe.tasks.retrieval import RetrievalSplit, rank_split
+
+    split = RetrievalSplit.read(visual.root / "retrieval" / "val.json", max_images=p.val_max_images)
+    scores = rank_split(model, split, visual, tokenizer, max_length=p.model.max_text_length,
+                        batch_size=p.eval_batch_size, k=0)  # fmt: skip
+    metrics = {f"itc_{k}": v for k, v in retrieval_metrics(scores["itc_i2t"], scores["itc_t2i"], split.txt2img).items()}
+    gen = torch.Generator().manual_seed(1234)
+    collate = make_xvlm_collate(tokenizer, visual, p.model.max_text_length, regions=True, generator=gen)
+    first = {}  # one caption per image keeps the loss pass as cheap as the ranking
+    for ex in examples:
+        first.setdefault(ex.img_ids[0], ex)
+    sample = [first[img] for img in split.images if img in first]
+    sums: dict[str, float] = {}
+    n = 0
+    for start in range(0, len(sample), p.eval_batch_size):
+        batch = masker(collate(sample[start : start + p.eval_batch_size]), generator=gen)
+        for k, v in model(**batch, generator=gen).losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        n += 1
+    return metrics | {f"loss_{k}": v / max(n, 1) for k, v in sums.items()}
+
+
+# ------------------------------------------------------------------ fine-tuning
+
+FINETUNE_TASKS: dict[str, dict[str, bool]] = {
+    # heads each fine-tuning keeps (X-VLM: retrieval = ITC + ITM; refcoco keeps the box head)
+    "retrieval": {"itc": True, "itm": True, "mlm": False, "bbox": False, "region": False},
+    "refcoco": {"itc": False, "itm": False, "mlm": False, "bbox": True, "region": False},
+    "vqa": {"itc": False, "itm": False, "mlm": False, "bbox": False, "region": False},
+    "nlvr2": {"itc": False, "itm": False, "mlm": False, "bbox": False, "region": False},
+}
+
+
+def _finetune_params(key: str, params_path: Path) -> XvlmFinetuneParams:
+    section = load_section("finetune", params_path)
+    if key not in section:
+        raise InputError(params_path, f"no finetune entry {key!r} (have: {', '.join(sorted(section))})")
+    return section[key]
+
+
+def load_for_finetuning(p: XvlmFinetuneParams, root: Path) -> Any:
+    """The pre-trained X-VLM (or the same architecture with fresh weights for ``scratch``, or
+    a local directory of ours), keeping only the heads the task uses."""
+    from vlpipe.models.convert import load_state_dict_into, read_checkpoint
+    from vlpipe.models.xvlm import TIED_KEY, Xvlm, load_xvlm_config
+    from vlpipe.train.loop import seed_everything
+
+    source = root / PRETRAINED / MODEL if p.init in ("pretrained", "scratch") else Path(p.init)
+    config = load_xvlm_config(source)
+    config.tasks = FINETUNE_TASKS[p.task]
+    seed_everything(p.train.seed)
+    model = Xvlm(config)
+    if p.init != "scratch":
+        state = {k: v for k, v in read_checkpoint(source / "model.safetensors").items() if k != TIED_KEY}
+        load_state_dict_into(model, state, source, allow_unexpected=("mlm_head.", "bbox_head.", "itm_head."))
+    return model
+
+
+def make_pixel_collate(
+    task: Any, tokenizer: Any, visual: Callable[[Sequence[str]], dict[str, torch.Tensor]], max_length: int,
+    with_targets: bool = True,
+) -> Callable[[list[Example]], dict[str, Any]]:  # fmt: skip
+    """Like :func:`vlpipe.tasks.base.make_collate` with pixels as the visual input: each example
+    gives ``task.num_images`` rows (its sentence with each of its images), texts padded to the
+    longest in the batch."""
+
+    def collate(batch: list[Example]) -> dict[str, Any]:
+        sents = [ex.sent for ex in batch for _ in ex.img_ids]
+        text = tokenizer(sents, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+        inputs = {
+            "input_ids": text["input_ids"],  # (B * n, L)
+            "attention_mask": text["attention_mask"],
+            "token_type_ids": text["token_type_ids"],
+            **visual([i for ex in batch for i in ex.img_ids]),  # pixel_values (B * n, 3, S, S)
+        }
+        out: dict[str, Any] = {"inputs": inputs, "examples": batch}
+        if with_targets:
+            out["targets"] = task.targets(batch)
+        return out
+
+    return collate
+
+
+def make_task(name: str, world_dir: Path) -> Any:
+    """The task object of ``name``: the shared VQA / NLVR2 tasks or grounding."""
+    from vlpipe.tasks import TASKS
+    from vlpipe.tasks.refcoco import RefcocoTask
+
+    return RefcocoTask(world_dir) if name == "refcoco" else TASKS[name](world_dir)
+
+
+def run_finetune(key: str, params_path: Path, root: Path) -> None:
+    """Stage ``finetune@xvlm-<task>``."""
+    finetune(key, _finetune_params(key, params_path), root)
+
+
+def finetune(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]:
+    """Fine-tune on ``p.task``; write ``models/finetuned/<key>`` and ``metrics/finetune/<key>.json``."""
+    if p.task == "retrieval":
+        return finetune_retrieval(key, p, root)
+    return finetune_task(key, p, root)
+
+
+def _retrieval_eval(tok: Any, visual: PixelInputs, max_length: int, p: XvlmFinetuneParams, split_name: str,
+                    root: Path) -> tuple[Any, Callable]:  # fmt: skip
+    from vlpipe.tasks.retrieval import RetrievalSplit, rank_split, split_metrics
+
+    split = RetrievalSplit.read(root / WORLD / "retrieval" / f"{split_name}.json")
+
+    def evaluate(m: torch.nn.Module, step: int) -> dict[str, float]:
+        scores = rank_split(m, split, visual, tok, max_length=max_length, batch_size=p.eval_batch_size, k=p.k_test)
+        return split_metrics(scores, split)
+
+    return split, evaluate
+
+
+def finetune_retrieval(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]:
+    """ITC + ITM (hard negatives) on the training captions; val recalls after ITM re-ranking."""
+    from vlpipe.models.xvlm import write_xvlm_files
+    from vlpipe.tasks.retrieval import train_examples
+    from vlpipe.train.loop import fit
+
+    tok = load_tokenizer(root / TOKENIZER)
+    model = load_for_finetuning(p, root)
+    visual = PixelInputs(root / WORLD, model.vision.image_size)
+    max_length = int(model.config.max_text_length)
+    train_ex = train_examples(root / WORLD / "retrieval" / "train.json")
+    collate = make_xvlm_collate(tok, visual, max_length, regions=False)
+    _, eval_fn = _retrieval_eval(tok, visual, max_length, p, "val", root)
+
+    def loss_fn(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return m(**batch).losses
+
+    result = fit(
+        model, loss_fn, ExampleDataset(train_ex), collate, p.train, root / RUNS / f"finetune-{key}",
+        eval_fn=eval_fn, live=_live(root, f"finetune-{key}"), fingerprint=json.dumps({"key": key, "init": p.init}),
+    )  # fmt: skip
+    with atomic_dir(root / FINETUNED / key) as tmp:
+        write_xvlm_files(result.model, tmp)
+        write_json(tmp / "task.json", {"model": MODEL, "task": p.task, "num_images": 1})
+    metrics = {"val": result.eval_metrics, "train": result.losses, "steps": result.step, "init": p.init,
+               "samples_per_second": result.samples_per_second, "train_seconds": result.train_seconds}  # fmt: skip
+    write_metrics(root / f"metrics/finetune/{key}.json", metrics)
+    _clear_checkpoints(root, f"finetune-{key}")
+    return metrics
+
+
+def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]:
+    """VQA or NLVR2: an :class:`XvlmEncoder` + the task's head in a ``TaskModel``; grounding:
+    an :class:`XvlmGrounder` with the pre-trained box head."""
+    from vlpipe.models.xvlm import XvlmEncoder, XvlmGrounder
+    from vlpipe.tasks.base import TaskModel, predict_all
+    from vlpipe.train.loop import fit
+
+    task = make_task(p.task, root / WORLD)
+    tok = load_tokenizer(root / TOKENIZER)
+    pre = load_for_finetuning(p, root)
+    encoder = XvlmEncoder(pre, task.num_images)
+    if p.task == "refcoco":
+        model = XvlmGrounder(encoder, pre.bbox_head)  # X-VLM fine-tunes the pre-trained box head
+    else:
+        model = TaskModel(encoder, task.build_head(encoder.hidden_size), task.num_images)
+    visual = PixelInputs(root / WORLD, pre.vision.image_size)
+    collate = make_pixel_collate(task, tok, visual, encoder.max_text_length)
+    train_ex, val_ex = task.examples("train"), task.examples("val")
+
+    def loss_fn(m: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return task.loss(m(batch["inputs"]), batch["targets"])
+
+    def eval_fn(m: torch.nn.Module, step: int) -> dict[str, float]:
+        return _flat(task.metric(predict_all(m, task, val_ex, collate, p.eval_batch_size), "val"))
+
+    result = fit(
+        model, loss_fn, ExampleDataset(train_ex), collate, p.train, root / RUNS / f"finetune-{key}",
+        eval_fn=eval_fn, live=_live(root, f"finetune-{key}"), fingerprint=json.dumps({"key": key, "init": p.init}),
+    )  # fmt: skip
+    save_task_model(result.model, p, root / FINETUNED / key)
+    metrics = {"val": result.eval_metrics, "train": result.losses, "steps": result.step, "init": p.init,
+               "samples_per_second": result.samples_per_second, "train_seconds": result.train_seconds}  # fmt: skip
+    write_metrics(root / f"metrics/finetune/{key}.json", metrics)
+    _clear_checkpoints(root, f"finetune-{key}")
+    return metrics
+
+
+def _flat(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}/")
+        elif isinstance(v, (int, float)):
+            out[prefix + k.replace("/", "_")] = float(v)
+    return out
+
+
+def save_task_model(model: Any, p: XvlmFinetuneParams, out_dir: Path) -> None:
+    """config.json (the X-VLM config) + model.safetensors (encoder.* and head.*) + task.json."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "config.json").write_text(model.encoder.config.to_json_string(), encoding="utf-8")
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_json(tmp / "task.json", {"model": MODEL, "task": p.task, "num_images": model.num_images})
+
+
+def load_task_model(model_dir: Path, task: Any) -> Any:
+    """Rebuild a model written by :func:`save_task_model`; every key and shape is checked."""
+    from vlpipe.models.convert import load_state_dict_into, read_checkpoint
+    from vlpipe.models.xvlm import Xvlm, XvlmEncoder, XvlmGrounder, build_box_head, load_xvlm_config
+    from vlpipe.tasks.base import TaskModel
+
+    info = read_json(model_dir / "task.json")
+    if info.get("model") != MODEL or info.get("task") != task.name:
+        raise InputError(model_dir / "task.json", f"not an X-VLM {task.name} model: {info}")
+    config = load_xvlm_config(model_dir)
+    config.tasks = FINETUNE_TASKS[task.name]
+    encoder = XvlmEncoder(Xvlm(config), task.num_images)
+    if task.name == "refcoco":
+        model = XvlmGrounder(encoder, build_box_head(config, encoder.vision.width, encoder.vision.grid))
+    else:
+        model = TaskModel(encoder, task.build_head(encoder.hidden_size), task.num_images)
+    load_state_dict_into(model, read_checkpoint(model_dir / "model.safetensors"), model_dir)
+    model.eval()
+    return model
+
+
+# ------------------------------------------------------------------ leaderboard
+
+
+def run_submit(key: str, params_path: Path, root: Path) -> None:
+    """Stage ``submit@xvlm-<task>``."""
+    submit(key, _finetune_params(key, params_path), root)
+
+
+def submit(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]:
+    """Predict the test split into ``leaderboard/<key>/`` and score it (the local leaderboard)."""
+    if p.task == "retrieval":
+        return submit_retrieval(key, p, root)
+    from vlpipe.eval.leaderboard import score_submission
+    from vlpipe.tasks.base import predict_all
+
+    task = make_task(p.task, root / WORLD)
+    model = load_task_model(root / FINETUNED / key, task)
+    visual = PixelInputs(root / WORLD, model.encoder.vision.image_size)
+    collate = make_pixel_collate(task, load_tokenizer(root / TOKENIZER), visual, model.encoder.max_text_length,
+                                 with_targets=False)  # fmt: skip
+    preds = predict_all(model, task, task.examples("test"), collate, p.eval_batch_size)
+    with atomic_dir(root / LEADERBOARD / key) as tmp:
+        task.write_submission(preds, tmp)
+    metrics = score_submission(task, task.submission_path(root / LEADERBOARD / key))
+    write_metrics(root / f"metrics/leaderboard/{key}.json", metrics)
+    return metrics
+
+
+def submit_retrieval(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]:
+    """Rank the test split (ITC, top ``k_test`` re-scored by ITM), write ``test_rank.json`` and
+    its recalls. Retrieval test captions are public (as COCO's), so no hidden file is needed."""
+    from vlpipe.models.xvlm import load_xvlm
+    from vlpipe.tasks.retrieval import rank_split, score_ranking, write_ranking
+
+    model = load_xvlm(root / FINETUNED / key)
+    model.eval()
+    tok = load_tokenizer(root / TOKENIZER)
+    visual = PixelInputs(root / WORLD, model.vision.image_size)
+    split, _ = _retrieval_eval(tok, visual, int(model.config.max_text_length), p, "test", root)
+    scores = rank_split(model, split, visual, tok, max_length=int(model.config.max_text_length),
+                        batch_size=p.eval_batch_size, k=p.k_test)  # fmt: skip
+    with atomic_dir(root / LEADERBOARD / key) as tmp:
+        write_ranking(tmp / "test_rank.json", scores, split)
+    path = root / LEADERBOARD / key / "test_rank.json"
+    metrics = {"test": score_ranking(path, split), "submission": path.name, "count": len(split.texts)}
+    write_metrics(root / f"metrics/leaderboard/{key}.json", metrics)
+    return metrics

@@ -1,0 +1,411 @@
+"""X-VLM model: ITC positives and cross-process gathering, hard negatives, patch-in-box pooling,
+whole-word masking, named losses, the task encoder, local weights and save/load."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from vlpipe.config import XvlmModelParams
+from vlpipe.errors import InputError
+from vlpipe.models.xvlm import (
+    IGNORE_INDEX,
+    PatchBoxHead,
+    WholeWordMasker,
+    Xvlm,
+    XvlmEncoder,
+    XvlmGrounder,
+    build_xvlm,
+    itc_loss,
+    itc_targets,
+    load_text_weights,
+    load_xvlm,
+    patches_in_boxes,
+    region_tokens,
+    sample_hard_negatives,
+    save_xvlm,
+    whole_word_mask,
+)
+
+VOCAB, B, L, LR = 40, 6, 9, 5
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads mostly wait for each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_params(**kw) -> XvlmModelParams:
+    sizes = dict(image_size=16, patch_size=4, vision_hidden_size=16, vision_layers=1, vision_heads=2,
+                 vision_intermediate_size=32, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                 text_layers=1, fusion_layers=1, embed_dim=8, max_text_length=12, max_position_embeddings=16)  # fmt: skip
+    return XvlmModelParams(**(sizes | kw))
+
+
+def tiny_model(seed: int = 0, **kw) -> Xvlm:
+    torch.manual_seed(seed)
+    return build_xvlm(tiny_params(**kw), vocab_size=VOCAB)
+
+
+def batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, VOCAB, (B, L), generator=g)
+    ids[:, 0], ids[:, -1] = 2, 3
+    region = torch.randint(5, VOCAB, (B, LR), generator=g)
+    region[:, 0], region[:, -1] = 2, 3
+    masked, labels = whole_word_mask(ids, torch.ones_like(ids, dtype=torch.bool), torch.zeros(VOCAB, dtype=torch.bool),
+                                     mask_token_id=4, vocab_size=VOCAB, prob=0.4, generator=g)  # fmt: skip
+    return {
+        "pixel_values": torch.randn(B, 3, 16, 16, generator=g),
+        "input_ids": ids,
+        "attention_mask": torch.ones(B, L, dtype=torch.long),
+        "image_ids": torch.tensor([0, 0, 1, 2, 3, 4]),  # two captions of image 0
+        "mlm_input_ids": masked,
+        "mlm_labels": labels,
+        "region_boxes": torch.tensor([[0.3, 0.3, 0.4, 0.4]] * B),
+        "region_input_ids": region,
+        "region_attention_mask": torch.ones(B, LR, dtype=torch.long),
+        "region_ids": torch.arange(B),
+    }
+
+
+# ------------------------------------------------------------------------------ ITC
+
+
+def test_itc_targets_treat_every_pair_of_the_same_image_as_positive() -> None:
+    ids = torch.tensor([7, 7, 3, 7])
+    t = itc_targets(ids, ids)
+    assert torch.equal(t[0], torch.tensor([1 / 3, 1 / 3, 0, 1 / 3]))
+    assert torch.equal(t[2], torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    assert torch.allclose(t.sum(1), torch.ones(4))
+
+
+def test_itc_loss_matches_a_hand_written_soft_target_cross_entropy() -> None:
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(4, 5, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(4, 5, generator=g), dim=-1)
+    ids = torch.tensor([0, 0, 1, 2])
+    temp = torch.tensor(0.1)
+    got = itc_loss(img, txt, ids, temp)
+    sim = img @ txt.t() / temp
+    pos = (ids[:, None] == ids[None, :]).float()
+    manual = 0.0
+    for s in (sim, sim.t()):  # rows 0 and 1 each put half their target on columns 0 and 1
+        manual = manual - ((F.log_softmax(s, 1) * pos).sum(1) / pos.sum(1)).mean() / 2
+    assert torch.allclose(got, manual)
+    # A caption of the same image is not a negative: matching both captions perfectly is optimal.
+    perfect = F.normalize(torch.eye(5)[[0, 0, 1, 2]], dim=-1)
+    assert itc_loss(perfect, perfect, ids, torch.tensor(0.01)) < 0.7  # log(2) per row of image 0 at most
+
+
+TORCHRUN_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch, torch.distributed as dist
+    from vlpipe.models.xvlm import itc_loss
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(0)
+    img_all = torch.nn.functional.normalize(torch.randn(8, 6, generator=g), dim=-1)
+    txt_all = torch.nn.functional.normalize(torch.randn(8, 6, generator=g), dim=-1)
+    ids_all = torch.tensor([0, 0, 1, 2, 3, 3, 3, 4])  # positives across the two halves too
+    per = 8 // world
+    rows = slice(rank * per, (rank + 1) * per)
+    img = img_all[rows].clone().requires_grad_(True)
+    txt = txt_all[rows].clone().requires_grad_(True)
+    loss = itc_loss(img, txt, ids_all[rows], torch.tensor(0.07))
+    loss.backward()
+    # what DDP does: average losses and gradients over processes
+    mean = loss.detach().clone(); dist.all_reduce(mean); mean /= world
+    grads = [torch.cat([img.grad, txt.grad], 1) / world]
+    out = [torch.zeros_like(grads[0]) for _ in range(world)]
+    dist.all_gather(out, grads[0])
+    if rank == 0:
+        json.dump({"loss": mean.item(), "grad": torch.cat(out).tolist()}, open(sys.argv[1], "w"))
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_itc_under_torchrun_equals_one_process_on_the_same_global_batch(tmp_path: Path) -> None:
+    script, result = tmp_path / "itc_ddp.py", tmp_path / "result.json"
+    script.write_text(TORCHRUN_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), str(result)]  # fmt: skip
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(result.read_text())
+
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(8, 6, generator=g), dim=-1).requires_grad_(True)
+    txt = F.normalize(torch.randn(8, 6, generator=g), dim=-1).requires_grad_(True)
+    loss = itc_loss(img, txt, torch.tensor([0, 0, 1, 2, 3, 3, 3, 4]), torch.tensor(0.07))
+    loss.backward()
+    assert got["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert torch.allclose(torch.tensor(got["grad"]), torch.cat([img.grad, txt.grad], 1), atol=1e-6)
+
+
+# --------------------------------------------------------------------- hard negatives
+
+
+def test_hard_negatives_never_pick_a_positive_and_flag_rows_without_negatives() -> None:
+    ids = torch.tensor([0, 0, 1, 1, 2, 3])
+    sim = torch.full((6, 6), -50.0)
+    same = ids[:, None] == ids[None, :]
+    sim[same] = 50.0  # positives are overwhelmingly the most similar
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        neg, valid = sample_hard_negatives(sim, ids, gen)
+        assert valid.all()
+        assert not (ids[neg] == ids).any()
+    lonely = torch.tensor([5, 5, 5])  # every column is the same image: no negative exists
+    neg, valid = sample_hard_negatives(torch.zeros(3, 3), lonely, gen)
+    assert not valid.any()
+
+
+def test_hard_negatives_follow_the_similarity() -> None:
+    ids = torch.arange(4)
+    sim = torch.zeros(4, 4)
+    sim[0, 3] = 8.0  # for row 0, column 3 is by far the hardest negative
+    gen = torch.Generator().manual_seed(0)
+    picks = torch.stack([sample_hard_negatives(sim, ids, gen)[0][0] for _ in range(100)])
+    assert (picks == 3).float().mean() > 0.9
+
+
+# ----------------------------------------------------------------- patch-in-box pooling
+
+
+def test_patches_in_box_are_those_whose_centre_is_inside() -> None:
+    # grid 4: patch centres at 0.125, 0.375, 0.625, 0.875; the box covers x, y in [0, 0.5]
+    inside = patches_in_boxes(torch.tensor([[0.25, 0.25, 0.5, 0.5]]), grid=4)
+    assert inside.nonzero()[:, 1].tolist() == [0, 1, 4, 5]
+    # bottom-right strip: x in [0.5, 1], y in [0.75, 1]
+    inside = patches_in_boxes(torch.tensor([[0.75, 0.875, 0.5, 0.25]]), grid=4)
+    assert inside.nonzero()[:, 1].tolist() == [14, 15]
+    # too small to hold a patch centre: the patch under the box centre
+    inside = patches_in_boxes(torch.tensor([[0.55, 0.3, 0.02, 0.02]]), grid=4)
+    assert inside.nonzero()[:, 1].tolist() == [6]
+
+
+def test_region_token_is_the_mean_of_its_patches_and_only_they_stay_visible() -> None:
+    tokens = torch.arange(17 * 2, dtype=torch.float32).view(1, 17, 2)  # 1 global + 16 patches
+    reg, mask = region_tokens(tokens, torch.tensor([[0.25, 0.25, 0.5, 0.5]]), grid=4)
+    patches = tokens[0, 1:][[0, 1, 4, 5]]
+    assert torch.equal(reg[0, 0], patches.mean(0))
+    assert torch.equal(reg[0, 1:], tokens[0, 1:])
+    assert mask[0].nonzero()[:, 0].tolist() == [0, 1, 2, 5, 6]
+
+
+def test_patch_box_head_centres_the_box_on_the_patch_the_text_points_at() -> None:
+    head = PatchBoxHead(hidden=4, vision_width=4, grid=4)
+    with torch.no_grad():
+        for lin in (head.query, head.key):
+            lin.weight.copy_(torch.eye(4))
+            lin.bias.zero_()
+    patches = torch.zeros(1, 16, 4)
+    patches[0, 6, 0] = 10.0  # patch (row 1, col 2): centre (0.625, 0.375)
+    box = head(torch.tensor([[10.0, 0, 0, 0]]), patches)[0]
+    assert abs(box[0].item() - 0.625) <= 1 / 8 and abs(box[1].item() - 0.375) <= 1 / 8  # within half a patch
+    assert 0 < box[2].item() < 1 and 0 < box[3].item() < 1
+    with pytest.raises(ValueError, match="patch tokens"):
+        head(torch.zeros(1, 4))
+
+
+def test_grounder_predicts_normalised_boxes_and_learns_from_box_losses() -> None:
+    from vlpipe.eval.boxes import box_regression_losses
+
+    model = tiny_model()
+    grounder = XvlmGrounder(XvlmEncoder(model), model.bbox_head)
+    b = batch()
+    inputs = {"input_ids": b["region_input_ids"], "attention_mask": b["region_attention_mask"],
+              "pixel_values": b["pixel_values"]}  # fmt: skip
+    boxes = grounder(inputs)
+    assert boxes.shape == (B, 4) and ((boxes >= 0) & (boxes <= 1)).all()
+    box_regression_losses(boxes, b["region_boxes"])["bbox_giou"].backward()
+    assert model.bbox_head.query.weight.grad is not None
+    assert model.vision.backbone.embeddings.patch_embeddings.projection.weight.grad is not None
+
+
+# ------------------------------------------------------------------------- masking
+
+
+def test_whole_word_masking_masks_every_piece_of_a_chosen_word() -> None:
+    # vocab: 10 = "hex", 11 = "##agon"; the word hex ##agon is masked as a whole or not at all
+    continuation = torch.zeros(20, dtype=torch.bool)
+    continuation[11] = True
+    ids = torch.tensor([[2, 10, 11, 5, 10, 11, 3]] * 200)
+    maskable = torch.tensor([[0, 1, 1, 1, 1, 1, 0]] * 200, dtype=torch.bool)
+    masked, labels = whole_word_mask(ids, maskable, continuation, mask_token_id=4, vocab_size=20, prob=0.5,
+                                     generator=torch.Generator().manual_seed(0))  # fmt: skip
+    chosen = labels != IGNORE_INDEX
+    assert torch.equal(chosen[:, 1], chosen[:, 2]) and torch.equal(chosen[:, 4], chosen[:, 5])
+    assert not chosen[:, 0].any() and not chosen[:, 6].any()
+    assert 0.3 < chosen[:, 3].float().mean() < 0.7
+    assert (masked[chosen] == 4).float().mean() > 0.6  # mostly [MASK] (80%)
+    assert torch.equal(labels[chosen], ids[chosen])
+
+
+def test_masker_never_masks_special_tokens_or_padding() -> None:
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "red", "hex", "##agon"]
+    masker = WholeWordMasker(vocab, special_ids=[0, 1, 2, 3, 4], mask_token_id=4, params=tiny_params(mlm_prob=1.0))
+    ids = torch.tensor([[2, 5, 6, 7, 3, 0]])
+    out = masker({"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0]])})
+    assert (out["mlm_labels"] != IGNORE_INDEX).tolist() == [[False, True, True, True, False, False]]
+    assert torch.equal(out["input_ids"], ids)  # the clean ids stay for ITC / ITM
+
+
+# --------------------------------------------------------------------------- model
+
+
+def test_forward_gives_separate_named_losses_and_every_head_gets_a_gradient() -> None:
+    model = tiny_model()
+    out = model(**batch(), generator=torch.Generator().manual_seed(0))
+    names = {"itc", "itm", "mlm", "itc_region", "itm_region", "bbox_l1", "bbox_giou", "loss"}
+    assert set(out.losses) == names
+    assert all(torch.isfinite(v) for v in out.losses.values())
+    assert torch.allclose(out.losses["loss"], sum(v for k, v in out.losses.items() if k != "loss"))
+    assert out.boxes.shape == (B, 4) and ((out.boxes > 0) & (out.boxes < 1)).all()
+    out.losses["loss"].backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not no_grad, no_grad
+    assert model.temp.item() == pytest.approx(0.07)
+
+
+def test_disabled_tasks_drop_their_losses_and_heads() -> None:
+    model = tiny_model(task_mlm=False, task_bbox=False, task_region=False)
+    assert not hasattr(model, "mlm_head") and not hasattr(model, "bbox_head")
+    out = model(**batch())
+    assert set(out.losses) == {"itc", "itm", "loss"}
+
+
+def test_same_seed_gives_bitwise_identical_losses() -> None:
+    a = tiny_model(seed=3)(**batch(), generator=torch.Generator().manual_seed(1)).losses
+    b = tiny_model(seed=3)(**batch(), generator=torch.Generator().manual_seed(1)).losses
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_save_load_roundtrip_gives_the_same_outputs(tmp_path: Path) -> None:
+    model = tiny_model().eval()
+    save_xvlm(model, tmp_path / "m")
+    loaded = load_xvlm(tmp_path / "m").eval()
+    assert loaded.mlm_head.decoder.weight is loaded.bert.embeddings.word_embeddings.weight
+    with torch.no_grad():
+        a = model(**batch(), generator=torch.Generator().manual_seed(0)).losses
+        b = loaded(**batch(), generator=torch.Generator().manual_seed(0)).losses
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_corrupt_checkpoint_is_an_input_error(tmp_path: Path) -> None:
+    save_xvlm(tiny_model(), tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(InputError, match="model.safetensors"):
+        load_xvlm(tmp_path / "m")
+
+
+# -------------------------------------------------------------------- task encoder
+
+
+def test_encoder_gives_the_fused_cls() -> None:
+    model = tiny_model().eval()
+    enc = XvlmEncoder(model)
+    b = batch()
+    pooled = enc(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"])
+    assert pooled.shape == (B, enc.hidden_size) and enc.max_text_length == 12
+    image = model.embed_image(b["pixel_values"])
+    text = model.embed_text(b["input_ids"], b["attention_mask"])
+    assert torch.allclose(pooled, model.fused_cls(image, text))
+
+
+def test_nlvr2_rows_attend_to_both_images_of_their_pair() -> None:
+    enc = XvlmEncoder(tiny_model(), num_images=2).eval()
+    with torch.no_grad():
+        enc.image_slot.normal_()
+    b = batch()
+    inputs = {"input_ids": b["input_ids"][:4], "attention_mask": b["attention_mask"][:4]}
+    pixels = b["pixel_values"][:4]  # pairs (0, 1) and (2, 3)
+    with torch.no_grad():
+        base = enc(**inputs, pixel_values=pixels)
+        changed = pixels.clone()
+        changed[1] = torch.randn(3, 16, 16)  # only image 1 of the first pair
+        other = enc(**inputs, pixel_values=changed)
+    assert not torch.allclose(base[0], other[0])  # row 0 (sentence + image 0) sees image 1 too
+    assert torch.equal(base[2:], other[2:])  # the other pair is untouched
+
+
+# ------------------------------------------------------------- backbones and weights
+
+
+@pytest.mark.parametrize("kind", ["clip", "swin"])
+def test_other_backbones_give_a_global_token_then_the_patch_grid(kind: str) -> None:
+    extra = {"swin_depths": [1, 1], "swin_heads": [2, 4], "swin_window": 2} if kind == "swin" else {}
+    model = tiny_model(vision_type=kind, **extra)
+    tokens = model.vision(torch.randn(2, 3, 16, 16))
+    assert tokens.shape == (2, 1 + model.vision.grid**2, model.vision.width)
+    assert model.vision.grid == (2 if kind == "swin" else 4)
+    out = model(**batch())
+    assert torch.isfinite(out.losses["loss"])
+
+
+def test_vision_weights_load_from_a_local_directory(tmp_path: Path) -> None:
+    from transformers import ViTConfig, ViTModel
+
+    cfg = ViTConfig(image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=32)  # fmt: skip
+    torch.manual_seed(5)
+    ViTModel(cfg, add_pooling_layer=False).save_pretrained(tmp_path / "vit")
+    model = tiny_model(vision_init=str(tmp_path / "vit"))
+    reference = ViTModel.from_pretrained(tmp_path / "vit", add_pooling_layer=False)
+    assert torch.equal(model.vision.backbone.embeddings.patch_embeddings.projection.weight,
+                       reference.embeddings.patch_embeddings.projection.weight)  # fmt: skip
+    with pytest.raises(InputError, match="vision_init"):
+        tiny_model(vision_init=str(tmp_path / "missing"))
+
+
+def test_hybrid_stem_loads_the_detector_backbone(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from vlpipe.features.detector import Backbone
+
+    torch.manual_seed(2)
+    backbone = Backbone([4, 8])
+    det = tmp_path / "detector"
+    det.mkdir()
+    state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()} | {"head.weight": torch.zeros(1)}
+    save_file(state, str(det / "model.safetensors"))
+    (det / "config.json").write_text(json.dumps({"channels": [4, 8]}))
+    model = tiny_model(vision_type="hybrid", vision_init=str(det))
+    assert model.vision.grid == 4 and model.vision.image_size == 16  # 16 px / stride 4, one token per cell
+    assert torch.equal(model.vision.stem.stages[1][0][0].weight, backbone.stages[1][0][0].weight)
+    assert torch.isfinite(model(**batch()).losses["loss"])
+    (det / "config.json").write_text(json.dumps({"channels": [4, 16]}))
+    with pytest.raises(InputError, match="stem"):
+        tiny_model(vision_type="hybrid", vision_init=str(det))
+
+
+def test_text_weights_load_from_a_bert_checkpoint(tmp_path: Path) -> None:
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=16)  # fmt: skip
+    torch.manual_seed(1)
+    BertModel(cfg).save_pretrained(tmp_path / "bert")
+    model = tiny_model()
+    assert load_text_weights(model, tmp_path / "bert") > 0
+    bert = BertModel.from_pretrained(tmp_path / "bert")
+    state = bert.state_dict()
+    assert torch.equal(model.bert.encoder.layer[1].attention.self.query.weight,
+                       state["encoder.layer.1.attention.self.query.weight"])  # fmt: skip
+    assert torch.equal(model.bert.encoder.layer[0].intermediate.weight, state["encoder.layer.0.intermediate.dense.weight"])
+    assert model.mlm_head.decoder.weight is model.bert.embeddings.word_embeddings.weight
