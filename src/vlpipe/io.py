@@ -18,6 +18,16 @@ from typing import Any
 from vlpipe.errors import InputError
 
 
+def is_writer() -> bool:
+    """True on the process that writes outputs: global rank 0 under torchrun, or no torchrun.
+
+    Every output write of vlpipe goes through this module, so a training stage run by
+    ``torchrun --nproc_per_node N`` writes its outputs, metrics and meta once, from rank 0;
+    the other ranks write into scratch space that is thrown away.
+    """
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -31,6 +41,13 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     On an exception the temporary directory is removed and ``final`` is untouched.
     """
     final = Path(final)
+    if not is_writer():
+        scratch = Path(tempfile.mkdtemp(prefix="vlpipe-rank-scratch-"))
+        try:
+            yield scratch
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs are ordinary directories
@@ -52,6 +69,15 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
 def atomic_file(final: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[Any]:
     """Open a temporary file next to ``final``; rename it over ``final`` on success."""
     final = Path(final)
+    if not is_writer():
+        fd, scratch = tempfile.mkstemp(prefix="vlpipe-rank-scratch-")
+        os.close(fd)
+        try:
+            with open(scratch, mode, **kwargs) as f:
+                yield f
+        finally:
+            os.unlink(scratch)
+        return
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
     os.close(fd)
@@ -90,9 +116,32 @@ def read_json(path: str | Path) -> Any:
         raise InputError(path, f"not UTF-8 text: {e}") from e
 
 
+# Wall-clock figures differ between two runs of the same stage, so they never go into a DVC
+# metrics file (two `dvc repro --force` runs must give byte-identical metrics). They go to
+# reports/timing/<same relative path>, which benchmarks/pipeline.py and the report read.
+TIMING_KEYS = frozenset({"samples_per_second", "train_seconds", "seconds"})
+
+
+def timing_path(metrics_path: str | Path) -> Path:
+    """``<root>/metrics/a/b.json`` -> ``<root>/reports/timing/a/b.json``."""
+    path = Path(metrics_path)
+    parts = path.parts
+    if "metrics" not in parts:
+        return path.with_name(path.stem + ".timing.json")
+    i = len(parts) - 1 - parts[::-1].index("metrics")
+    return Path(*parts[:i], "reports", "timing", *parts[i + 1 :])
+
+
 def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
-    """Write a DVC metrics file: rounded floats so bytes are stable across runs."""
-    write_json(path, _round(metrics))
+    """Write a DVC metrics file: rounded floats so bytes are stable across runs.
+
+    Top-level wall-clock keys (:data:`TIMING_KEYS`) are split off into :func:`timing_path`.
+    """
+    timing = {k: metrics[k] for k in TIMING_KEYS if k in metrics}
+    write_json(path, _round({k: v for k, v in metrics.items() if k not in TIMING_KEYS}))
+    if timing:
+        timing["processes"] = int(os.environ.get("WORLD_SIZE", "1"))  # throughput depends on it
+        write_json(timing_path(path), _round(timing))
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:

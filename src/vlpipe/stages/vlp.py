@@ -36,11 +36,6 @@ CAPTION_KEY = "vlp-caption"
 VAL_RESULTS = "val_results.json"
 
 
-def _live(root: Path, name: str) -> Any:
-    from dvclive import Live
-
-    return Live(str(root / LIVE / name), dvcyaml=None, save_dvc_exp=False, report=None)
-
 
 def _clear_checkpoints(root: Path, name: str) -> None:
     """A finished run's checkpoints only existed to resume a killed stage: drop them."""
@@ -103,7 +98,7 @@ def pretrain_vlp(p: VlpPretrainParams, root: Path) -> dict[str, Any]:
     fingerprint = json.dumps({"model": p.model.model_dump(mode="json"), "s2s_prob": p.s2s_prob, "vocab": vocab})
     result = fit(
         model, loss_fn, ExampleDataset(train_ex), collate, p.train, root / RUNS / "pretrain-vlp",
-        eval_fn=eval_fn, live=_live(root, "pretrain-vlp"), fingerprint=fingerprint,
+        eval_fn=eval_fn, live_dir=root / LIVE / "pretrain-vlp", fingerprint=fingerprint,
     )  # fmt: skip
     with atomic_dir(root / PRETRAINED) as tmp:
         save_vlp(result.model, tmp)
@@ -209,7 +204,7 @@ def finetune_caption(p: CaptionParams, root: Path, key: str = CAPTION_KEY) -> di
     fingerprint = json.dumps({"key": key, "init": p.init, "mask_prob": p.mask_prob, "decoding": decoding})
     result = fit(
         model, loss_fn, ExampleDataset(task.caption_examples("train")), collate, p.train,
-        root / RUNS / f"finetune-{key}", eval_fn=eval_fn, live=_live(root, f"finetune-{key}"), fingerprint=fingerprint,
+        root / RUNS / f"finetune-{key}", eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=fingerprint,
     )  # fmt: skip
     metrics: dict[str, Any] = {"init": p.init, "steps": result.step, "train": result.losses,
                                "samples_per_second": result.samples_per_second, "decoding": decoding}  # fmt: skip
@@ -218,7 +213,7 @@ def finetune_caption(p: CaptionParams, root: Path, key: str = CAPTION_KEY) -> di
         scst = fit(
             result.model, scst_loss_fn(task, tok, p), ExampleDataset(task.image_examples("train")),
             _image_collate(visual), p.scst_train, root / RUNS / f"finetune-{key}-scst",
-            eval_fn=eval_fn, live=_live(root, f"finetune-{key}-scst"), fingerprint=fingerprint + "/scst",
+            eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}-scst", fingerprint=fingerprint + "/scst",
         )  # fmt: skip
         metrics |= {"scst_steps": scst.step, "scst_train": scst.losses}
     metrics["val"] = task.metric(last["val"], "val")  # every metric, SPICE when its models are installed
@@ -389,7 +384,7 @@ def finetune_task(key: str, task_name: str, init: str, train: TrainParams, eval_
 
     result = fit(
         model, loss_fn, ExampleDataset(train_ex), collate, train, root / RUNS / f"finetune-{key}",
-        eval_fn=eval_fn, live=_live(root, f"finetune-{key}"), fingerprint=json.dumps({"key": key, "init": init}),
+        eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=json.dumps({"key": key, "init": init}),
     )  # fmt: skip
     with atomic_dir(root / FINETUNED / key) as tmp:
         (tmp / "config.json").write_text(result.model.encoder.config.to_json_string(), encoding="utf-8")

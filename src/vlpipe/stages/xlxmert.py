@@ -41,11 +41,6 @@ PAINT_SHEET = Path("reports/paint.png")
 VAL_SEED = 1234  # masking of the val metrics: fixed, so numbers compare across steps and runs
 
 
-def _live(root: Path, name: str) -> Any:
-    from dvclive import Live
-
-    return Live(str(root / LIVE / name), dvcyaml=None, save_dvc_exp=False, report=None)
-
 
 def _finish(root: Path, name: str) -> None:
     """Delete a finished run's checkpoints: they only exist to resume a killed stage."""
@@ -154,7 +149,7 @@ def pretrain_xlxmert(p: XlxmertPretrainParams, root: Path) -> dict[str, Any]:
     fingerprint = json.dumps({"model": p.model.model_dump(mode="json"), "init": p.init, "sources": p.sources})
     result = fit(
         model, loss_fn, ExampleDataset(train_ex), collate, p.train, root / RUNS / "pretrain-xlxmert",
-        eval_fn=eval_fn, live=_live(root, "pretrain-xlxmert"), fingerprint=fingerprint,
+        eval_fn=eval_fn, live_dir=root / LIVE / "pretrain-xlxmert", fingerprint=fingerprint,
     )  # fmt: skip
     with atomic_dir(root / PRETRAINED) as tmp:
         save_xlxmert(result.model, tmp)
@@ -314,7 +309,7 @@ def train_generator_stage(p: GeneratorParams, root: Path) -> dict[str, Any]:
     fingerprint = json.dumps({"generator": p.model_dump(mode="json", exclude={"train"}), "k": len(centroids)})
     result = fit(
         pair, loss_fn, list(range(len(train))), train.collate, p.train, root / RUNS / "generator",
-        eval_fn=eval_fn, live=_live(root, "generator"), fingerprint=fingerprint,
+        eval_fn=eval_fn, live_dir=root / LIVE / "generator", fingerprint=fingerprint,
     )  # fmt: skip
     save_generator(result.model.generator, root / GENERATOR)
     metrics = {"val": result.eval_metrics, "train": result.losses, "steps": result.step,

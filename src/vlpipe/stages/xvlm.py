@@ -187,11 +187,6 @@ def _clear_checkpoints(root: Path, name: str) -> None:
     shutil.rmtree(root / RUNS / name / "checkpoints", ignore_errors=True)
 
 
-def _live(root: Path, name: str) -> Any:
-    from dvclive import Live
-
-    return Live(str(root / LIVE / name), dvcyaml=None, save_dvc_exp=False, report=None)
-
 
 def _inside(model: XvlmModelParams, root: Path) -> XvlmModelParams:
     """Relative ``vision_init`` / ``text_init`` paths are relative to the repository root."""
@@ -229,7 +224,7 @@ def pretrain(p: XvlmPretrainParams, root: Path) -> dict[str, Any]:
     fingerprint = json.dumps({"model": p.model.model_dump(mode="json"), "sources": p.region_sources})
     result = fit(
         model, loss_fn, ExampleDataset(train_ex), collate, p.train, root / RUNS / "pretrain-xvlm",
-        eval_fn=eval_fn, live=_live(root, "pretrain-xvlm"), fingerprint=fingerprint,
+        eval_fn=eval_fn, live_dir=root / LIVE / "pretrain-xvlm", fingerprint=fingerprint,
     )  # fmt: skip
     with atomic_dir(root / PRETRAINED / MODEL) as tmp:
         write_xvlm_files(result.model, tmp)
@@ -384,7 +379,7 @@ def finetune_retrieval(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str,
 
     result = fit(
         model, loss_fn, ExampleDataset(train_ex), collate, p.train, root / RUNS / f"finetune-{key}",
-        eval_fn=eval_fn, live=_live(root, f"finetune-{key}"), fingerprint=json.dumps({"key": key, "init": p.init}),
+        eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=json.dumps({"key": key, "init": p.init}),
     )  # fmt: skip
     with atomic_dir(root / FINETUNED / key) as tmp:
         write_xvlm_files(result.model, tmp)
@@ -423,7 +418,7 @@ def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]
 
     result = fit(
         model, loss_fn, ExampleDataset(train_ex), collate, p.train, root / RUNS / f"finetune-{key}",
-        eval_fn=eval_fn, live=_live(root, f"finetune-{key}"), fingerprint=json.dumps({"key": key, "init": p.init}),
+        eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=json.dumps({"key": key, "init": p.init}),
     )  # fmt: skip
     save_task_model(result.model, p, root / FINETUNED / key)
     metrics = {"val": result.eval_metrics, "train": result.losses, "steps": result.step, "init": p.init,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import sys
 import time
@@ -55,6 +56,8 @@ from vlpipe.train.checkpoint import (
 )
 from vlpipe.train.optim import build_optimizer, build_scheduler, num_warmup_steps
 from vlpipe.train.sampler import DataPlan, EpochBatchSampler
+
+log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Any], dict[str, torch.Tensor]]
 EvalFn = Callable[[nn.Module, int], dict[str, float]]
@@ -88,10 +91,19 @@ def run_fingerprint(params: TrainParams, num_samples: int, extra: str = "") -> s
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and CUDA) RNGs."""
+    """Seed python, numpy and torch (CPU and CUDA) RNGs; deterministic kernels on CPU.
+
+    Without deterministic algorithms some CPU kernels (X-VLM's patch convolution) gave losses
+    that differed in the 7th digit between two runs of the same stage, depending on buffer
+    alignment; with them two ``dvc repro --force`` runs give byte-identical metrics. On a
+    GPU we keep cuDNN's fast nondeterministic kernels (speed matters there, bitwise equality
+    is not promised).
+    """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    if not torch.cuda.is_available():
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def make_accelerator(params: TrainParams) -> Accelerator:
@@ -283,6 +295,8 @@ def _start(model: nn.Module, num_samples: int, params: TrainParams, run_dir: Pat
     fp = run_fingerprint(params, num_samples, fingerprint)
     ckpt = load_latest_checkpoint(run_dir / "checkpoints", fp)
     if ckpt is not None:
+        if accelerator.is_main_process:
+            log.info("resuming %s from its checkpoint at step %d of %d", run_dir, ckpt.step, total)
         restore_checkpoint(
             ckpt, model=raw, optimizer=optimizer, scheduler=scheduler, rank=rank, device=accelerator.device
         )
