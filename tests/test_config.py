@@ -64,11 +64,20 @@ def test_wrong_type_is_rejected_without_coercion(tmp_path: Path) -> None:
     assert "world.scene.n_train" in str(e.value) and "'100'" in str(e.value)
 
 
-def test_yaml_exponent_without_dot_is_a_type_error(tmp_path: Path) -> None:
-    # PyYAML reads `2e-3` as a string: strict validation must say so instead of guessing.
+def test_params_are_read_as_yaml_1_2_like_dvc(tmp_path: Path) -> None:
+    # `dvc exp run -S` rewrites params.yaml with ruamel (YAML 1.2): `no` stays unquoted and
+    # must stay the string "no"; `2e-3` is a float in YAML 1.2 (PyYAML would say string).
     p = tmp_path / "params.yaml"
-    p.write_text("detector:\n  lr: 2e-3\n")
-    with pytest.raises(ParamsError, match="detector.lr"):
+    p.write_text("detector:\n  lr: 2e-3\ngenerator:\n  train:\n    mixed_precision: no\n")
+    params = load_params(p)
+    assert params.detector.lr == 0.002
+    assert params.generator.train.mixed_precision == "no"
+
+
+def test_yaml_1_1_booleans_are_not_strings(tmp_path: Path) -> None:
+    p = tmp_path / "params.yaml"
+    p.write_text("generator:\n  train:\n    mixed_precision: false\n")
+    with pytest.raises(ParamsError, match="generator.train.mixed_precision"):
         load_params(p)
 
 
@@ -144,7 +153,7 @@ def test_every_stage_key_resolves_to_its_runner(tmp_path):
 
     from vlpipe.config import dump_defaults
     from vlpipe.errors import VlpipeError
-    from vlpipe.stages import FINETUNE, PRETRAIN, stage_runner
+    from vlpipe.stages import FINETUNE, stage_runner
 
     params = tmp_path / "params.yaml"
     data = dump_defaults()

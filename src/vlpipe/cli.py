@@ -34,6 +34,17 @@ ParamsOpt = Annotated[
 RootOpt = Annotated[Path, typer.Option("--root", help="repository root: data/, models/, metrics/ live here")]
 
 
+def _scale_out(params: Path, where: tuple[str, ...], run_id: str) -> None:
+    """Re-exec this command under torchrun when the stage's ``train`` params ask for > 1 process."""
+    from vlpipe.config import load_section
+    from vlpipe.train.launch import relaunch_if_asked
+
+    section = load_section(where[0], params)
+    for name in where[1:]:
+        section = section[name] if isinstance(section, dict) else getattr(section, name)
+    relaunch_if_asked(section.train, sys.argv[1:], run_id)
+
+
 @app.command()
 def world(
     params: ParamsOpt = Path("params.yaml"),
@@ -102,7 +113,9 @@ def pretrain(
     """Stage `pretrain@MODEL`: pre-train a vision-language model (params: pretrain.MODEL)."""
     from vlpipe.stages import stage_runner
 
-    stage_runner("pretrain", model, params)(params, root)
+    runner = stage_runner("pretrain", model, params)
+    _scale_out(params, ("pretrain", model), f"pretrain-{model}")
+    runner(params, root)
 
 
 @app.command()
@@ -114,7 +127,9 @@ def finetune(
     """Stage `finetune@KEY`: fine-tune on a downstream task, val metrics (params: finetune.KEY)."""
     from vlpipe.stages import stage_runner
 
-    stage_runner("finetune", key, params)(key, params, root)
+    runner = stage_runner("finetune", key, params)
+    _scale_out(params, ("finetune", key), f"finetune-{key}")
+    runner(key, params, root)
 
 
 @app.command()
@@ -134,6 +149,7 @@ def generator(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")
     """Stage `generator`: X-LXMERT's SPADE image generator from codebook grids (params: generator)."""
     from vlpipe.stages import xlxmert
 
+    _scale_out(params, ("generator",), "generator")
     xlxmert.run_generator(params, root)
 
 
@@ -154,6 +170,15 @@ def paint(
     else:
         xlxmert.paint_caption(caption, out, params, root)
         typer.echo(f"painted {caption!r} into {out}")
+
+
+@app.command()
+def report(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Stage `report`: reports/report.md, every metric + the papers' numbers + curves (params: report)."""
+    from vlpipe import report as stage
+
+    stage.run(params, root)
+    typer.echo(f"wrote {root / stage.REPORT_MD}")
 
 
 @import_app.command("lxmert")
@@ -236,6 +261,13 @@ def check_params(params: ParamsOpt = Path("params.yaml")) -> None:
 
 def main() -> None:
     """Console entry point: run the app; user-facing errors become one line and exit 2."""
+    import logging
+
+    # vlpipe's own progress lines (resumes, sizes, timings) on stderr; libraries stay quiet.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logging.getLogger("vlpipe").addHandler(handler)
+    logging.getLogger("vlpipe").setLevel(logging.INFO)
     try:
         app(standalone_mode=False)
     except VlpipeError as e:

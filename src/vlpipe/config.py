@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from vlpipe.errors import VlpipeError
@@ -243,12 +242,24 @@ class TrainParams(Strict):
     eval_every: int | None = Field(None, ge=1, description="steps between eval_fn calls (and at the end)")
     shuffle: bool = Field(True, description="seeded shuffle of the training set each epoch")
     num_workers: int = Field(0, ge=0, description="DataLoader workers; 0 keeps resume bitwise exact")
-    find_unused_parameters: bool = Field(False, description="DDP option for models with unused heads")
+    find_unused_parameters: bool = Field(
+        True,
+        description="DDP: allow parameters without a gradient in a step (LXMERT's last visual layer "
+        "when fine-tuning on the pooled output, X-LXMERT's alternating heads); unused without torchrun",
+    )
+    # ---- scale-out: the stage re-launches itself under torchrun when these ask for > 1 process
+    nproc_per_node: int = Field(1, ge=1, description="processes per machine (GPUs per node; CPU: gloo)")
+    nnodes: int = Field(1, ge=1, description="machines; > 1 needs rdzv_endpoint and the same command on each")
+    rdzv_endpoint: str | None = Field(
+        None, description="host:port of the c10d rendezvous for nnodes > 1 (any one of the machines)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainParams:
         if self.beta2 <= self.beta1:
             raise ValueError(f"beta2 ({self.beta2}) must exceed beta1 ({self.beta1})")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"nnodes={self.nnodes} needs rdzv_endpoint (host:port of the rendezvous)")
         return self
 
 
@@ -926,6 +937,27 @@ FinetuneEntry = Annotated[
 ]
 
 
+class ReportParams(Strict):
+    """Stage ``report``: reports/report.md (every metric, the papers' numbers, curves, contact sheets)."""
+
+    exclude_curves: list[str] = Field(
+        default_factory=lambda: ["epoch", "lr", "grad_norm"],
+        description="DVCLive train/*.tsv series (by file stem) left off the training-curve plots: not losses",
+    )
+    log_y: bool = Field(
+        True,
+        description="logarithmic loss axis (a stage's losses differ by orders of magnitude); "
+        "linear for a figure with a value <= 0",
+    )
+    figure_size: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [7.0, 4.0],
+        min_length=2,
+        max_length=2,
+        description="width and height of each training-curve figure in inches",
+    )
+    dpi: int = Field(100, ge=30, le=600, description="resolution of the training-curve PNGs")
+
+
 class Params(Strict):
     """The whole params.yaml. Later issues add their sections here."""
 
@@ -938,6 +970,7 @@ class Params(Strict):
     finetune: dict[str, FinetuneEntry] = Field(default_factory=_default_finetune)
     generator: GeneratorParams = Field(default_factory=GeneratorParams)
     paint: PaintParams = Field(default_factory=PaintParams)
+    report: ReportParams = Field(default_factory=ReportParams)
 
     @model_validator(mode="after")
     def _finetune_keys(self) -> Params:
@@ -970,9 +1003,14 @@ def read_params_file(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
+    # YAML 1.2, as DVC reads and writes params.yaml: `dvc exp run -S` writes the string no
+    # unquoted (mixed_precision: no), which a YAML 1.1 reader (PyYAML) would turn into False.
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
+        raw = YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
+    except YAMLError as e:
         raise ParamsError(f"{path}: malformed YAML: {e}") from e
     if raw is None:
         raw = {}
