@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: vlpipe, dvc, torchrun
 
 
 @pytest.fixture
@@ -85,3 +89,60 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params = WorldParams.model_validate(deep_update(WorldParams().model_dump(mode="json"), tiny_overrides()["world"]))
     generate_world(params, out)
     return out
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """Run a command as a user would (the venv's bin first on PATH); fail with its output."""
+    full_env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1", **env)
+    r = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def make_pipeline_repo(work: Path) -> Path:
+    """A git+dvc copy of this repo's DAG and code at ``work`` with tiny params (nothing run yet)."""
+    import yaml
+
+    from vlpipe.config import dump_defaults
+
+    work.mkdir(parents=True)
+    for name in ["dvc.yaml", ".dvcignore"]:
+        shutil.copy(REPO / name, work / name)
+    shutil.copytree(REPO / ".dvc", work / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    shutil.copytree(REPO / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    params = deep_update(dump_defaults(), tiny_overrides())
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (work / ".gitignore").write_text("/runs/\n/reports/timing/\n")
+    run(["git", "init", "-q"], work)
+    git_commit(work, "init")
+    return work
+
+
+def git_commit(work: Path, message: str) -> None:
+    run(["git", "add", "-A"], work)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], work)
+
+
+@pytest.fixture(scope="session")
+def built_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One full ``dvc repro`` of the DAG with tiny params, committed (dvc.lock included).
+
+    Shared by every test that needs a built pipeline, because building it is the slowest thing
+    in the suite. Tests that change it restore what they change; tests that need a pristine
+    state ``git clone`` it. A copy of the first run's metrics is kept in ``first_metrics/``
+    (outside the repo) for the reproducibility test. ``VLPIPE_TEST_BUILT=DIR`` (a directory
+    holding ``repo/`` and ``first_metrics/`` of an earlier build of the same code) skips the
+    build while developing tests; never set it in CI.
+    """
+    base = tmp_path_factory.mktemp("pipeline")
+    reuse = os.environ.get("VLPIPE_TEST_BUILT")  # developers only: a copy of an earlier build
+    if reuse:
+        shutil.copytree(Path(reuse) / "repo", base / "repo", symlinks=True)
+        shutil.copytree(Path(reuse) / "first_metrics", base / "first_metrics")
+        return base / "repo"
+    work = make_pipeline_repo(base / "repo")
+    run([str(BIN / "dvc"), "repro"], work)
+    git_commit(work, "dvc repro")
+    shutil.copytree(work / "metrics", work.parent / "first_metrics")
+    return work

@@ -6,47 +6,20 @@ runs nothing and that bad params stop the pipeline with a clear message.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import BIN
+from conftest import run as _run
+
 pytestmark = pytest.mark.slow
-
-BIN = Path(sys.executable).parent
-
-
-def _run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
-    return r
 
 
 @pytest.fixture(scope="module")
-def built_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A git+dvc copy of the repo with tiny params after one full `dvc repro`."""
-    from conftest import REPO, deep_update, tiny_overrides
-    from vlpipe.config import dump_defaults
-
-    work = tmp_path_factory.mktemp("pipeline") / "repo"
-    work.mkdir()
-    for name in ["dvc.yaml", ".dvcignore"]:
-        shutil.copy(REPO / name, work / name)
-    shutil.copytree(REPO / ".dvc", work / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
-    shutil.copytree(REPO / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    params = deep_update(dump_defaults(), tiny_overrides())
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], work)
-    _run(["git", "add", "-A"], work)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], work)
-    _run([str(BIN / "dvc"), "repro"], work)
-    return work
+def built_copy(built_pipeline: Path) -> Path:
+    return built_pipeline
 
 
 def test_repro_builds_every_stage_output(built_copy: Path) -> None:
@@ -68,6 +41,7 @@ def test_repro_builds_every_stage_output(built_copy: Path) -> None:
         assert (built_copy / f"leaderboard/{model}-vqa/test_predict.json").is_file()
     assert (built_copy / "leaderboard/lxmert-nlvr2/test_predict.csv").is_file()
     assert (built_copy / "reports/paint.png").stat().st_size > 0
+    assert (built_copy / "reports/report.md").is_file()
 
 
 def test_second_repro_runs_nothing(built_copy: Path) -> None:
@@ -83,7 +57,7 @@ def test_changed_param_reruns_only_the_stages_that_read_it(built_copy: Path) -> 
     (built_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     r = _run([str(BIN / "dvc"), "repro"], built_copy)
     ran = sorted(line for line in r.stdout.splitlines() if line.startswith("Running stage"))
-    assert ran == [f"Running stage '{s}':" for s in ("finetune@vlp-caption", "paint", "submit@vlp-caption")], r.stdout
+    assert ran == [f"Running stage '{s}':" for s in ("finetune@vlp-caption", "paint", "report", "submit@vlp-caption")], r.stdout
 
 
 def test_bad_params_stop_the_pipeline_with_a_clear_error(built_copy: Path) -> None:
@@ -93,14 +67,15 @@ def test_bad_params_stop_the_pipeline_with_a_clear_error(built_copy: Path) -> No
     (built_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         r = _run([str(BIN / "dvc"), "repro", "world"], built_copy, check=False)
-    finally:  # later tests use the built copy
+        assert r.returncode != 0
+        assert "world.scene.n_val" in r.stdout + r.stderr
+        # No half-written output or temporary directory is left behind.
+        leftovers = [p.name for p in (built_copy / "data").iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+        assert leftovers == []
+        assert not (built_copy / "data" / "world").exists() or (built_copy / "data/world/meta.json").is_file()
+    finally:  # later tests use the built copy: DVC removed data/world before running the stage
         (built_copy / "params.yaml").write_text(good)
-    assert r.returncode != 0
-    assert "world.scene.n_val" in r.stdout + r.stderr
-    # No half-written output or temporary directory is left behind.
-    leftovers = [p.name for p in (built_copy / "data").iterdir() if ".tmp-" in p.name or ".old-" in p.name]
-    assert leftovers == []
-    assert not (built_copy / "data" / "world").exists() or (built_copy / "data/world/meta.json").is_file()
+        _run([str(BIN / "dvc"), "checkout", "-q", "world"], built_copy)
 
 
 def test_paint_command_paints_one_sentence(built_copy: Path) -> None:
