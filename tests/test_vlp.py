@@ -46,7 +46,7 @@ def tiny_model(seed: int = 0, std: float = 0.02, dropout: float = 0.1):
     params = VlpModelParams(
         hidden_size=32, num_attention_heads=2, intermediate_size=64, num_layers=2, initializer_range=std,
         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, max_text_length=12,
-        max_position_embeddings=16,
+        max_position_embeddings=16, standardize_features=False,
     )  # fmt: skip
     return build_vlp(params, vocab_size=VOCAB, visual_feat_dim=D, **SPECIAL)
 
@@ -288,7 +288,11 @@ def test_pretrain_caption_scst_and_submit_stages(tiny_root: Path, fake_meteor):
     assert set(pre["val"]) == {"loss_mlm_s2s", "loss_mlm_bi", "mlm_accuracy_s2s", "mlm_accuracy_bi"}
     out = tiny_root / "models/pretrained/vlp"
     assert {"config.json", "model.safetensors", "meta.json"} <= {p.name for p in out.iterdir()}
-    assert json.loads((out / "config.json").read_text())["visual_pos_dim"] == 6
+    config = json.loads((out / "config.json").read_text())
+    assert config["visual_pos_dim"] == 6
+    # Input statistics of the pre-training features travel with the model (standardize_features).
+    assert len(config["visual_feat_mean"]) == len(config["visual_feat_std"]) == config["visual_feat_dim"]
+    assert min(config["visual_feat_std"]) > 0
     assert not list((tiny_root / "models/pretrained").glob(".*")), "no temporary directory left behind"
 
     p = CaptionParams(train=tiny_train(max_steps=2), beam_size=2, max_length=6, eval_batch_size=8,
@@ -354,3 +358,17 @@ def test_vqa_with_the_vlp_encoder(tiny_root: Path):
     assert (tiny_root / "leaderboard/vlp-vqa/test_predict.json").is_file() and board["count"] > 0
     with pytest.raises(InputError, match="not a VLP model fine-tuned for 'gqa'"):
         load_task_model(tiny_root / "models/finetuned/vlp-vqa", GqaTask(tiny_root / "data/world"))
+
+
+def test_visual_input_is_standardised_with_the_models_statistics(tiny_root: Path) -> None:
+    from types import SimpleNamespace
+
+    from vlpipe.stages.vlp import _visual
+
+    raw = _visual(tiny_root, SimpleNamespace(max_regions=4))
+    img = sorted(raw.regions.store.ids)[0]
+    feats = raw([img])["visual_feats"]  # (1, N, D)
+    mean, std = [0.5] * feats.shape[-1], [2.0] * feats.shape[-1]
+    standardised = _visual(tiny_root, SimpleNamespace(max_regions=4, visual_feat_mean=mean, visual_feat_std=std))
+    out = standardised([img])["visual_feats"]
+    assert torch.allclose(out, (feats - 0.5) / 2.0, atol=1e-6)

@@ -574,6 +574,12 @@ class VlpModelParams(Strict):
         ge=1,
         description="regions per image: the store's first (best-scoring) boxes; null: all (VLP: 100)",
     )
+    standardize_features: bool = Field(
+        True,
+        description="standardise each region feature dimension with the mean/std of the pre-training "
+        "images' features (stored in config.json as visual_feat_mean/std, applied wherever the model "
+        "reads features), as LXMERT's tiny recipe does; the base preset uses raw features",
+    )
     mask_prob: float = Field(
         0.15, ge=0, le=1, description="fraction of caption tokens (incl. the final [SEP]) masked"
     )
@@ -600,7 +606,7 @@ class VlpModelParams(Strict):
     def preset(cls, name: Literal["tiny", "base"], **overrides: Any) -> VlpModelParams:
         """``tiny`` (the defaults) or ``base`` (BERT-base: 768, 12 heads, 3072, 12 layers, 512 positions)."""
         base = {"hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072, "num_layers": 12,
-                "max_position_embeddings": 512}  # fmt: skip
+                "max_position_embeddings": 512, "standardize_features": False}  # fmt: skip
         sizes: dict[str, dict[str, Any]] = {"tiny": {}, "base": base}
         if name not in sizes:
             raise ValueError(f"unknown VLP preset {name!r}; choose one of {sorted(sizes)}")

@@ -66,14 +66,21 @@ def vlp_config(
     sep_token_id: int,
     mask_token_id: int,
     pad_token_id: int,
+    feat_stats: tuple[list[float], list[float]] | None = None,
 ) -> BertConfig:
     """A transformers ``BertConfig`` carrying our sizes plus VLP's extra keys.
 
     The vocabulary and special-token ids come from the tokenizer, ``visual_feat_dim`` from the
     region store's meta.json. Extra keys (``visual_feat_dim``, ``visual_pos_dim``, token ids,
-    ``max_text_length``) travel in config.json.
+    ``max_text_length``, and with ``standardize_features`` the input statistics
+    ``visual_feat_mean`` / ``visual_feat_std`` (D,) from ``feat_stats``) travel in config.json.
     """
+    if params.standardize_features and feat_stats is None:
+        raise ValueError("standardize_features needs feat_stats (mean, std) of the pre-training features")
+    mean, std = feat_stats if params.standardize_features and feat_stats is not None else (None, None)
     return BertConfig(
+        visual_feat_mean=mean,
+        visual_feat_std=std,
         vocab_size=vocab_size,
         hidden_size=params.hidden_size,
         num_hidden_layers=params.num_layers,
@@ -851,12 +858,14 @@ def build_vlp(
     sep_token_id: int,
     mask_token_id: int,
     pad_token_id: int,
+    feat_stats: tuple[list[float], list[float]] | None = None,
 ) -> Vlp:
     """A freshly initialised VLP (seed torch before calling for reproducible weights)."""
     return Vlp(
         vlp_config(
             params, vocab_size=vocab_size, visual_feat_dim=visual_feat_dim, cls_token_id=cls_token_id,
             sep_token_id=sep_token_id, mask_token_id=mask_token_id, pad_token_id=pad_token_id,
+            feat_stats=feat_stats,
         )  # fmt: skip
     )
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -43,10 +44,14 @@ def _clear_checkpoints(root: Path, name: str) -> None:
 
 
 def _visual(root: Path, config: Any) -> Any:
-    """The region store as VLP sees it: the first ``config.max_regions`` boxes, 6-d box encoding."""
+    """The region store as VLP sees it: the first ``config.max_regions`` boxes, 6-d box encoding,
+    features standardised with the model's input statistics when its config has them."""
     from vlpipe.models.vlp import VlpVisual
 
-    return VlpVisual(RegionInputs(root / REGION), getattr(config, "max_regions", None))
+    regions = RegionInputs(
+        root / REGION, None, getattr(config, "visual_feat_mean", None), getattr(config, "visual_feat_std", None)
+    )
+    return VlpVisual(regions, getattr(config, "max_regions", None))
 
 
 def _special_ids(tok: Any) -> dict[str, int]:
@@ -80,8 +85,18 @@ def pretrain_vlp(p: VlpPretrainParams, root: Path) -> dict[str, Any]:
     task = CaptionTask(root / WORLD)
     train_ex = task.caption_examples("train")
     val_ex = task.caption_examples("val")[: p.val_max_examples]
+    stats = None
+    if p.model.standardize_features:
+        from vlpipe.data.visual import feature_statistics
+
+        # Statistics of the boxes the model reads (its first max_regions), over training images.
+        images = sorted({ex.img_ids[0] for ex in train_ex})
+        stats = feature_statistics(RegionInputs(root / REGION, p.model.max_regions), images)
+        visual = _visual(root, SimpleNamespace(max_regions=p.model.max_regions,
+                                               visual_feat_mean=stats[0], visual_feat_std=stats[1]))  # fmt: skip
     seed_everything(p.train.seed)
-    model = build_vlp(p.model, vocab_size=len(tok), visual_feat_dim=visual.feat_dim, **_special_ids(tok))
+    model = build_vlp(p.model, vocab_size=len(tok), visual_feat_dim=visual.feat_dim, feat_stats=stats,
+                      **_special_ids(tok))  # fmt: skip
     collate = make_caption_collate(tok, visual, p.model.max_text_length)
     vocab = len(tok)
     mask_kw = {"mask_token_id": tok.mask_token_id, "vocab_size": vocab, "prob": p.model.mask_prob,
