@@ -663,8 +663,9 @@ class CaptionParams(Strict):
     )
     scst: bool = Field(False, description="run SCST (CIDEr-D reward, greedy baseline) after cross-entropy")
     scst_train: TrainParams = Field(
-        default_factory=lambda: TrainParams(lr=1e-5, batch_size=64, epochs=2, warmup_ratio=0.0),
-        description="SCST loop settings (paper: lr 1e-6 on COCO; the tiny world model needs more)",
+        default_factory=lambda: TrainParams(lr=5e-5, batch_size=64, epochs=2, warmup_ratio=0.0),
+        description="SCST loop settings (paper: lr 1e-6 on COCO). On the world, from the cross-entropy "
+        "model, 92 steps: lr 1e-5 CIDEr-D -0.03, 5e-5 +0.20, 1e-4 +0.17 (BLEU-4 -0.012)",
     )
 
 
