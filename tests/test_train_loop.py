@@ -238,3 +238,23 @@ def test_no_weight_decay_on_bias_and_layernorm():
     assert no_decay["weight_decay"] == 0.0
     assert isinstance(build_optimizer(model, TrainParams(optimizer="bertadam")), BertAdam)
     assert isinstance(build_optimizer(model, TrainParams()), torch.optim.AdamW)
+
+
+def test_live_dir_torn_by_a_kill_is_repaired_before_resuming(tmp_path):
+    from dvclive import Live
+
+    from vlpipe.train.loop import _drop_rows_after
+
+    live_dir = tmp_path / "live"
+    plots = live_dir / "plots" / "metrics" / "train"
+    plots.mkdir(parents=True)
+    (live_dir / "metrics.json").write_text("")  # killed while DVCLive rewrote its summary
+    (plots / "loss.tsv").write_text("step\tloss\n10\t1.5\n20\t1.25\n30\t1.0\n1\t0.7")  # step 15 torn to "1"
+    (plots / "lr.tsv").write_text("ste")  # torn header
+    (plots / "grad_norm.tsv").write_text("step\tgrad_norm\n10\t2.0\n20\t1.\n25")
+    _drop_rows_after(live_dir, 20)
+    assert not (live_dir / "metrics.json").exists() and not (plots / "lr.tsv").exists()
+    assert (plots / "loss.tsv").read_text() == "step\tloss\n10\t1.5\n20\t1.25\n"
+    assert (plots / "grad_norm.tsv").read_text() == "step\tgrad_norm\n10\t2.0\n20\t1.\n"
+    live = Live(str(live_dir), dvcyaml=False, resume=True, save_dvc_exp=False)  # would raise on the torn JSON
+    live.end()

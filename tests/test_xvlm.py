@@ -133,6 +133,7 @@ TORCHRUN_SCRIPT = textwrap.dedent(
     dist.all_gather(out, grads[0])
     if rank == 0:
         json.dump({"loss": mean.item(), "grad": torch.cat(out).tolist()}, open(sys.argv[1], "w"))
+    dist.barrier()  # leave together: a rank tearing gloo down alone can abort the other
     dist.destroy_process_group()
     """
 )

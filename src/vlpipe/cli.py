@@ -8,6 +8,7 @@ params, bad input file, mismatched checkpoint) is printed as one line and exits 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -259,6 +260,18 @@ def check_params(params: ParamsOpt = Path("params.yaml")) -> None:
     typer.echo("ok")
 
 
+def _leave_process_group() -> None:
+    """Under torchrun: wait for every rank, then tear gloo/NCCL down together (a rank that
+    exits alone while another still holds the group can abort it)."""
+    if "LOCAL_RANK" not in os.environ:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main() -> None:
     """Console entry point: run the app; user-facing errors become one line and exit 2."""
     import logging
@@ -270,6 +283,7 @@ def main() -> None:
     logging.getLogger("vlpipe").setLevel(logging.INFO)
     try:
         app(standalone_mode=False)
+        _leave_process_group()
     except VlpipeError as e:
         print(f"vlpipe: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -142,15 +142,50 @@ def _epoch_batches(
 
 
 def _drop_rows_after(live_dir: Path, step: int) -> None:
-    """Remove DVCLive history rows logged after ``step`` (by a run killed after its last
-    checkpoint), so a resumed run's plots have each step once."""
+    """Make a killed run's DVCLive directory safe to resume at ``step``.
+
+    Removes history rows logged after ``step`` (by a run killed after its last checkpoint), so
+    a resumed run's plots have each step once, and whatever a SIGKILL tore mid-write (DVCLive
+    writes in place): a row that does not parse, a TSV without its header, a summary JSON that
+    does not parse (DVCLive rewrites it at the next step).
+    """
+    for summary in live_dir.glob("*.json"):
+        try:
+            json.loads(summary.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            summary.unlink()
     for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
-        header, *rows = tsv.read_text(encoding="utf-8").splitlines()
-        col = header.split("\t").index("step")
-        kept = [r for r in rows if int(r.split("\t")[col]) <= step]
-        if len(kept) < len(rows):
+        try:
+            lines = tsv.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            lines = []
+        header = lines[0].split("\t") if lines else []
+        if "step" not in header:
+            tsv.unlink()
+            continue
+        col = header.index("step")
+        kept, last = [], -1
+        for row in lines[1:]:
+            at = _row_step(row, len(header), col)
+            # A torn row may still parse (e.g. step 15 cut to 1): steps must keep increasing.
+            if at is not None and last < at <= step:
+                kept.append(row)
+                last = at
+        if len(kept) < len(lines) - 1:
             with atomic_file(tsv, "w", encoding="utf-8") as f:
-                f.write("\n".join([header, *kept]) + "\n")
+                f.write("\n".join([lines[0], *kept]) + "\n")
+
+
+def _row_step(row: str, width: int, col: int) -> int | None:
+    """The step of a DVCLive TSV row, or None when the row is not complete."""
+    fields = row.split("\t")
+    if len(fields) != width:
+        return None
+    try:
+        [float(v) for i, v in enumerate(fields) if i != col]
+        return int(fields[col])
+    except ValueError:
+        return None
 
 
 class _Logger:
