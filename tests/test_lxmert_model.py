@@ -218,6 +218,45 @@ def test_swap_sentences_half_and_consistent():
     assert torch.equal(same, matched.bool())
 
 
+def test_swap_sentences_only_among_the_sentences_that_take_part():
+    # match_sources: captions (valid) are swapped only with each other; questions are never
+    # swapped and carry no matching loss (-100), so QA still sees every question.
+    g = torch.Generator().manual_seed(0)
+    ids = torch.arange(1000)[:, None].expand(1000, 5)
+    valid = torch.arange(1000) % 3 == 0
+    text, matched = swap_sentences({"input_ids": ids}, generator=g, valid=valid)
+    assert (matched[~valid] == IGNORE_INDEX).all()
+    assert torch.equal(text["input_ids"][~valid], ids[~valid])
+    kept = matched[valid]
+    assert 0.4 < kept.float().mean().item() < 0.6
+    swapped_in = text["input_ids"][valid][kept == 0, 0]  # the foreign sentences' rows
+    assert (swapped_in % 3 == 0).all() and not torch.equal(swapped_in, ids[valid][kept == 0, 0])
+    # One or no valid example: nothing to swap with.
+    _, matched = swap_sentences({"input_ids": ids[:4]}, generator=g, valid=torch.tensor([1, 0, 0, 0]).bool())
+    assert matched.tolist() == [1, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
+
+
+def test_matching_loss_ignores_sentences_outside_the_task_and_qa_keeps_them():
+    model = tiny_model().eval()
+    params = tiny_params()
+    batch = clean_batch(5)
+    g = torch.Generator().manual_seed(2)
+    kw = dict(mask_token_id=MASK_ID, special_token_ids=SPECIAL, vocab_size=SIZES["vocab_size"], generator=g)
+    batch["match_valid"] = torch.tensor([True, True, True, False, False, False])
+    inputs = mask_pretrain_batch(batch, params, **kw)
+    assert "match_valid" not in inputs  # consumed, not a model input
+    labels = inputs["matched_label"]
+    assert (labels[3:] == IGNORE_INDEX).all()
+    out = model(**inputs)
+    want = F.cross_entropy(out.match_logits[:3], labels[:3])
+    assert torch.allclose(out.losses["matched"], want)
+    # No sentence takes part: a zero loss, still in the graph (every step logs the same keys).
+    batch["match_valid"] = torch.zeros(B, dtype=torch.bool)
+    out = model(**mask_pretrain_batch(batch, params, **kw))
+    assert out.losses["matched"].item() == 0.0 and out.losses["matched"].requires_grad
+    assert torch.isfinite(out.losses["qa"])
+
+
 def test_mask_pretrain_batch_is_deterministic_and_keeps_targets():
     params = tiny_params()
     a, b = pretrain_inputs(params, seed=3), pretrain_inputs(params, seed=3)
@@ -346,3 +385,22 @@ def test_input_statistics_travel_with_the_checkpoint(tmp_path):
     )
     with pytest.raises(Exception, match="do not fit"):
         RegionInputs(tmp_path / "store", feat_mean=[0.0] * (d + 1), feat_std=[1.0] * (d + 1))
+
+
+def test_pretrain_collate_marks_the_sentences_of_the_match_sources():
+    from vlpipe.data.examples import Example
+    from vlpipe.data.pretrain import make_pretrain_collate
+
+    def tokenizer(sents, **_):
+        n = len(sents)
+        return {k: torch.ones(n, 3, dtype=torch.long) for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    examples = [
+        Example(key=("img0", "mscoco", 0), img_ids=("img0",), sent="a red circle", target=None),
+        Example(key=("img0", "vqa", 0), img_ids=("img0",), sent="is it red?", target={"yes": 1.0}),
+        Example(key=("img1", "vg", 0), img_ids=("img1",), sent="a circle", target=None),
+    ]
+    collate = make_pretrain_collate(tokenizer, lambda ids: {}, {"yes": 0}, 8, ["mscoco", "vg"])
+    assert collate(examples)["match_valid"].tolist() == [True, False, True]
+    every = make_pretrain_collate(tokenizer, lambda ids: {}, {"yes": 0}, 8, None)
+    assert every(examples)["match_valid"].tolist() == [True, True, True]

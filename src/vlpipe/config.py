@@ -852,6 +852,15 @@ class LxmertPretrainParams(Strict):
     min_answer_count: int = Field(
         1, ge=1, description="answers seen fewer times leave the pre-training table"
     )
+    match_sources: list[str] | None = Field(
+        ["mscoco", "vg"],
+        description=(
+            "sentence sources that take part in the matching task (swapped and scored); null = every "
+            "source, as the reference. Default: captions only. A question is true of most images of "
+            "the world, so a swapped question is no negative: with questions in, matching stays at "
+            "chance (val loss 0.693) through pre-training, and NLVR2 has no matching skill to build on"
+        ),
+    )
     eval_batch_size: int = Field(256, ge=1)
     val_max_examples: int | None = Field(4000, ge=1, description="cap on val examples for the loss metrics")
 

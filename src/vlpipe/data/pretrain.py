@@ -42,8 +42,12 @@ def make_pretrain_collate(
     visual: Callable[[Sequence[str]], dict[str, torch.Tensor]],
     ans2label: dict[str, int],
     max_length: int,
+    match_sources: Sequence[str] | None = None,
 ) -> Callable[[list[Example]], dict[str, torch.Tensor]]:
-    """Clean (unmasked) batches; masking happens in the loss function, on the loop's RNG."""
+    """Clean (unmasked) batches; masking happens in the loss function, on the loop's RNG.
+
+    ``match_valid`` (B,) marks the sentences that take part in the matching task: those of
+    ``match_sources`` (every sentence when None)."""
 
     def collate(batch: list[Example]) -> dict[str, torch.Tensor]:
         text = tokenizer(
@@ -65,6 +69,9 @@ def make_pretrain_collate(
             **vis,
             "qa_targets": qa,
             "qa_valid": valid,
+            "match_valid": torch.tensor(
+                [match_sources is None or ex.key[1] in match_sources for ex in batch], dtype=torch.bool
+            ),
         }
 
     return collate

@@ -295,7 +295,12 @@ class Lxmert(nn.Module):
         if cfg.task_mask_lm and t["mlm_labels"] is not None:
             losses["mlm"] = masked_lm_loss(out.mlm_logits, t["mlm_labels"])
         if cfg.task_matched and t["matched_label"] is not None:
-            losses["matched"] = F.cross_entropy(out.match_logits, t["matched_label"])
+            labels = t["matched_label"]  # (B,) -100 on sentences outside the matching task
+            losses["matched"] = (
+                F.cross_entropy(out.match_logits, labels)
+                if bool((labels != IGNORE_INDEX).any())
+                else out.match_logits.sum() * 0.0  # keeps every step's loss keys and graph alike
+            )
         weight = cfg.visual_loss_normalizer
         if t["feat_mask"] is not None:
             mask = t["feat_mask"].to(out.vision_output.dtype)  # (B, N)
@@ -310,7 +315,7 @@ class Lxmert(nn.Module):
                 t["qa_valid"] if t["qa_valid"] is not None else torch.ones_like(t["qa_targets"][:, 0]).bool()
             )
             if t["matched_label"] is not None:
-                valid = valid & t["matched_label"].bool()  # QA only on matching pairs
+                valid = valid & (t["matched_label"] != 0)  # QA only on matching pairs
             losses["qa"] = answer_loss(out.qa_logits, t["qa_targets"], valid, self.qa_loss)
         if losses:
             losses["loss"] = torch.stack(list(losses.values())).sum()
@@ -487,22 +492,35 @@ def mask_objects(
 
 
 def swap_sentences(
-    text: dict[str, torch.Tensor], *, prob: float = 0.5, generator: torch.Generator | None = None
+    text: dict[str, torch.Tensor],
+    *,
+    prob: float = 0.5,
+    generator: torch.Generator | None = None,
+    valid: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """With probability ``prob`` give an example the sentence of another example in the batch.
 
     ``text`` maps names to (B, L, ...) tensors swapped together (input_ids, attention_mask,
-    token_type_ids). Returns (new text, matched_label (B,) long, 1 = kept). The reference draws
-    the foreign sentence from the whole dataset; drawing it from the batch is equivalent for
-    batches that are a random sample of the dataset.
+    token_type_ids). ``valid`` (B,) bool limits the task to some examples: only they are
+    swapped, only with each other, and the others get label -100 (no loss). Returns (new text,
+    matched_label (B,) long, 1 = kept). The reference draws the foreign sentence from the whole
+    dataset; drawing it from the batch is equivalent for batches that are a random sample of it.
     """
     b = next(iter(text.values())).shape[0]
     device = next(iter(text.values())).device
     swap = torch.rand(b, generator=generator, device=device) < prob
-    if b == 1:
+    valid = torch.ones(b, dtype=torch.bool, device=device) if valid is None else valid.to(device)
+    idx = valid.nonzero().squeeze(1)  # (M,) the examples that take part
+    source = torch.arange(b, device=device)
+    if idx.numel() >= 2:
+        other = idx[_other_index(idx.numel(), generator, device)]  # (M,) another taking part
+        source[idx] = torch.where(swap[idx], other, idx)
+        swap = swap & valid
+    else:
         swap = torch.zeros_like(swap)
-    source = torch.where(swap, _other_index(b, generator, device), torch.arange(b, device=device))
-    return {k: v[source] for k, v in text.items()}, (~swap).long()
+    label = (~swap).long()
+    label[~valid] = IGNORE_INDEX
+    return {k: v[source] for k, v in text.items()}, label
 
 
 def mask_pretrain_batch(
@@ -525,9 +543,10 @@ def mask_pretrain_batch(
     """
     text_keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch]
     out = dict(batch)
+    match_valid = out.pop("match_valid", None)  # (B,) sentences that take part in matching
     if params.task_matched:
         text, matched = swap_sentences(
-            {k: batch[k] for k in text_keys}, prob=params.match_swap_prob, generator=generator
+            {k: batch[k] for k in text_keys}, prob=params.match_swap_prob, generator=generator, valid=match_valid
         )
         out.update(text, matched_label=matched)
     ids = out["input_ids"]  # (B, L)

@@ -78,7 +78,7 @@ def run_pretrain(params_path: Path, root: Path) -> None:
         load_reference_checkpoint(
             model, p.init, allow_missing=("answer_head.",), allow_unexpected=("answer_head.",)
         )
-    collate = make_pretrain_collate(tok, visual, ans2label, p.model.max_text_length)
+    collate = make_pretrain_collate(tok, visual, ans2label, p.model.max_text_length, p.match_sources)
     mask_kw = {
         "mask_token_id": tok.mask_token_id,
         "special_token_ids": tok.all_special_ids,
@@ -92,7 +92,8 @@ def run_pretrain(params_path: Path, root: Path) -> None:
         return pretrain_val_metrics(m, val_ex, collate, p, mask_kw)
 
     fingerprint = json.dumps(
-        {"model": p.model.model_dump(mode="json"), "init": p.init, "answers": len(label2ans)}
+        {"model": p.model.model_dump(mode="json"), "init": p.init, "answers": len(label2ans),
+         "match_sources": p.match_sources}
     )
     result = fit(
         model, loss_fn, ExampleDataset(train_ex), collate, p.train, root / RUNS / "pretrain-lxmert",
@@ -120,7 +121,7 @@ def pretrain_val_metrics(
 
     gen = torch.Generator().manual_seed(1234)
     sums: dict[str, float] = {}
-    n_batches, mlm_right, mlm_total, qa_right, qa_total = 0, 0, 0, 0.0, 0
+    n_batches, mlm_right, mlm_total, qa_right, qa_total, match_right, match_total = 0, 0, 0, 0.0, 0, 0, 0
     for start in range(0, len(examples), p.eval_batch_size):
         batch = collate(examples[start : start + p.eval_batch_size])
         inputs = mask_pretrain_batch(batch, p.model, generator=gen, **mask_kw)
@@ -133,8 +134,13 @@ def pretrain_val_metrics(
             sel = labels != IGNORE_INDEX
             mlm_right += int((out.mlm_logits.argmax(-1)[sel] == labels[sel]).sum())
             mlm_total += int(sel.sum())
+        matched = inputs.get("matched_label")  # (B,) -100 outside the matching task
+        if matched is not None:
+            sel = matched != IGNORE_INDEX
+            match_right += int((out.match_logits.argmax(-1)[sel] == matched[sel]).sum())
+            match_total += int(sel.sum())
         if out.qa_logits is not None:
-            valid = batch["qa_valid"] & inputs.get("matched_label", torch.ones_like(batch["qa_valid"])).bool()
+            valid = batch["qa_valid"] & (matched != 0 if matched is not None else True)
             best = out.qa_logits.argmax(-1)  # (B,)
             # VQA-style score of the top answer: its soft score in the target.
             qa_right += float(batch["qa_targets"][torch.arange(len(best)), best][valid].sum())
@@ -144,6 +150,8 @@ def pretrain_val_metrics(
         metrics["mlm_accuracy"] = mlm_right / mlm_total
     if qa_total:
         metrics["qa_score"] = qa_right / qa_total
+    if match_total:
+        metrics["matched_accuracy"] = match_right / match_total
     return metrics
 
 
