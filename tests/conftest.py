@@ -130,19 +130,35 @@ def built_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Shared by every test that needs a built pipeline, because building it is the slowest thing
     in the suite. Tests that change it restore what they change; tests that need a pristine
-    state ``git clone`` it. A copy of the first run's metrics is kept in ``first_metrics/``
-    (outside the repo) for the reproducibility test. ``VLPIPE_TEST_BUILT=DIR`` (a directory
-    holding ``repo/`` and ``first_metrics/`` of an earlier build of the same code) skips the
-    build while developing tests; never set it in CI.
+    state ``git clone`` it. A copy of its metrics is kept in ``first_metrics/`` (outside the
+    repo), and ``twin_metrics/`` holds those of a second, independent ``dvc repro --force`` of
+    the same DAG and params in another directory, run at the same time on the other core (the
+    stages are mostly single-threaded start-up), for the reproducibility test. Both runs use
+    one torch thread each, so they neither compete for cores nor differ in reduction order.
+    ``VLPIPE_TEST_BUILT=DIR`` (a directory holding ``repo/``, ``first_metrics/`` and
+    ``twin_metrics/`` of an earlier build of the same code) skips the build while developing
+    tests; never set it in CI.
     """
     base = tmp_path_factory.mktemp("pipeline")
     reuse = os.environ.get("VLPIPE_TEST_BUILT")  # developers only: a copy of an earlier build
     if reuse:
         shutil.copytree(Path(reuse) / "repo", base / "repo", symlinks=True)
-        shutil.copytree(Path(reuse) / "first_metrics", base / "first_metrics")
+        for name in ("first_metrics", "twin_metrics"):
+            shutil.copytree(Path(reuse) / name, base / name)
         return base / "repo"
     work = make_pipeline_repo(base / "repo")
-    run([str(BIN / "dvc"), "repro"], work)
+    twin = make_pipeline_repo(base / "twin")
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="1")
+    runs = [
+        subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for cmd, cwd in (([str(BIN / "dvc"), "repro"], work), ([str(BIN / "dvc"), "repro", "--force"], twin))
+    ]
+    for proc, cwd in zip(runs, (work, twin), strict=True):
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise AssertionError(f"dvc repro in {cwd} failed ({proc.returncode}):\n{out}")
     git_commit(work, "dvc repro")
-    shutil.copytree(work / "metrics", work.parent / "first_metrics")
+    shutil.copytree(work / "metrics", base / "first_metrics")
+    shutil.copytree(twin / "metrics", base / "twin_metrics")
+    shutil.rmtree(twin)
     return work

@@ -52,12 +52,12 @@ def test_second_repro_runs_nothing(built_copy: Path) -> None:
 
 def test_changed_param_reruns_only_the_stages_that_read_it(built_copy: Path) -> None:
     params = yaml.safe_load((built_copy / "params.yaml").read_text())
-    params["finetune"]["vlp-caption"]["beam_size"] += 1  # read by finetune@vlp-caption (and its submit)
+    params["finetune"]["vlp-vqa"]["eval_batch_size"] += 1  # read by finetune@vlp-vqa (and its submit)
     params["paint"]["steps"] += 1  # read by paint only
     (built_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     r = _run([str(BIN / "dvc"), "repro"], built_copy)
     ran = sorted(line for line in r.stdout.splitlines() if line.startswith("Running stage"))
-    assert ran == [f"Running stage '{s}':" for s in ("finetune@vlp-caption", "paint", "report", "submit@vlp-caption")], r.stdout
+    assert ran == [f"Running stage '{s}':" for s in ("finetune@vlp-vqa", "paint", "report", "submit@vlp-vqa")], r.stdout
 
 
 def test_bad_params_stop_the_pipeline_with_a_clear_error(built_copy: Path) -> None:

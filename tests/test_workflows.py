@@ -72,26 +72,10 @@ def test_killed_stage_resumes_and_ends_like_an_uninterrupted_run(built_pipeline:
     assert (repo / "metrics/finetune/lxmert-vqa.json").read_bytes() == resumed
 
 
-# One stage of every kind (every stage function and every model's code path; the other
-# fine-tuning keys run the same code on another task), in DAG order: a second, forced run of
-# all 37 stages would double the suite's slowest part. The whole DAG was checked this way
-# when the list was made.
-FORCED = [
-    "world", "tokenizer", "detector", "features@region", "features@grid", "codebook",
-    "pretrain@lxmert", "pretrain@xlxmert", "pretrain@vlp", "pretrain@xvlm", "generator", "paint",
-    "finetune@lxmert-nlvr2", "finetune@xlxmert-gqa", "finetune@vlp-caption", "finetune@vlp-vqa",
-    "finetune@xvlm-retrieval", "finetune@xvlm-refcoco",
-    "submit@lxmert-nlvr2", "submit@vlp-caption", "submit@xvlm-retrieval", "submit@xvlm-refcoco",
-]  # fmt: skip
-
-
-def test_forced_repro_gives_byte_identical_metrics(built_pipeline: Path, tmp_path: Path) -> None:
-    repo = _clone(built_pipeline, tmp_path / "repo")
-    r = run([DVC, "repro", "--force", "--single-item", *FORCED], repo)
-    ran = [line.split("'")[1] for line in r.stdout.splitlines() if line.startswith("Running stage")]
-    assert sorted(ran) == sorted(FORCED), r.stdout
-    first = built_pipeline.parent / "first_metrics"
-    cmp = filecmp.dircmp(first, repo / "metrics")
+def test_two_forced_repros_give_byte_identical_metrics(built_pipeline: Path) -> None:
+    # The session fixture ran the whole DAG twice from nothing, in two directories:
+    # `dvc repro` here and `dvc repro --force` in a twin (see conftest.built_pipeline).
+    first, twin = built_pipeline.parent / "first_metrics", built_pipeline.parent / "twin_metrics"
     names = []
 
     def walk(d: filecmp.dircmp, prefix: str) -> None:
@@ -103,8 +87,10 @@ def test_forced_repro_gives_byte_identical_metrics(built_pipeline: Path, tmp_pat
         for name, sub in d.subdirs.items():
             walk(sub, f"{prefix}{name}/")
 
-    walk(cmp, "")
-    assert len(names) >= 30
+    walk(filecmp.dircmp(first, twin), "")
+    stages = yaml.safe_load((built_pipeline / "dvc.lock").read_text())["stages"]
+    metric_files = {p for s in stages.values() for out in s.get("outs", []) if (p := out["path"]).startswith("metrics/")}
+    assert {f"metrics/{n}" for n in names} >= metric_files and len(metric_files) >= 30
 
 
 def test_exp_run_sets_a_param_and_metrics_diff_shows_it(built_pipeline: Path, tmp_path: Path) -> None:
@@ -122,16 +108,28 @@ def test_exp_run_sets_a_param_and_metrics_diff_shows_it(built_pipeline: Path, tm
 
 def test_queued_experiments_run_with_queue_start(built_pipeline: Path, tmp_path: Path) -> None:
     repo = _clone(built_pipeline, tmp_path / "repo")
-    for lr in ("0.002", "0.004"):
-        run([DVC, "exp", "run", "--queue", "-S", f"finetune.lxmert-nlvr2.train.lr={lr}", "--name", f"q{lr[-1]}"], repo)
+    # Paint's mask-predict steps: the cheapest key to re-run (paint, then report). One queued
+    # experiment costs ~30 s of DVC's workspace handling here, so the queue holds one; the
+    # README's sweep queues several the same way.
+    run([DVC, "exp", "run", "--queue", "-S", "paint.steps=5", "--name", "q5"], repo)
     run([DVC, "queue", "start", "--jobs", "1"], repo)
-    deadline = time.monotonic() + 400
+    # Wait on git refs (cheap) rather than polling `dvc queue status` (2 s of CPU per call,
+    # taken from the worker); ask DVC itself now and then, to stop early on a failure.
+    deadline, polls = time.monotonic() + 400, 0
     while True:
-        status = run([DVC, "queue", "status"], repo).stdout
-        if "Queued" not in status and "Running" not in status:
+        refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo).stdout.split()
+        if "q5" in {ref.rsplit("/", 1)[-1] for ref in refs}:  # refs/exps/../<baseline>/<name>
             break
-        assert time.monotonic() < deadline, status
-        time.sleep(2)
-    assert status.count("Success") == 2, status
+        polls += 1
+        if polls % 15 == 0:
+            status = run([DVC, "queue", "status"], repo).stdout
+            assert "Failed" not in status, status
+        assert time.monotonic() < deadline, run([DVC, "queue", "status"], repo).stdout
+        time.sleep(1)
+    status = run([DVC, "queue", "status"], repo).stdout
+    assert status.count("Success") == 1, status
     show = run([DVC, "exp", "show", "--csv"], repo).stdout
-    assert "q2" in show and "q4" in show
+    assert "q5" in show
+    log = run([DVC, "queue", "logs", "q5"], repo).stdout
+    ran = sorted(line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage"))
+    assert ran == ["paint", "report"], log  # only the stages that read the key

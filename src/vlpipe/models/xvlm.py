@@ -534,15 +534,37 @@ def region_tokens(image_tokens: torch.Tensor, boxes: torch.Tensor, grid: int) ->
 # --------------------------------------------------------------------------- losses
 
 
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums every process's gradient of the gathered
+    tensor and keeps this process's rows. Each process's ITC loss reads all rows, so the true
+    gradient of a row is the sum over processes (the reference's AllGather drops the other
+    processes' terms). Plain synchronous ``all_gather``/``all_reduce`` only: the autograd
+    collectives of ``torch.distributed.nn`` are deprecated and their gloo all-to-all left
+    worker threads that could abort a rank at exit."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        world, rank = dist.get_world_size(), dist.get_rank()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = (rank * x.shape[0], (rank + 1) * x.shape[0])
+        return torch.cat(parts, dim=0)  # (world * B, ...)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # (world * B, ...): sum of every process's gradient
+        start, stop = ctx.rows
+        return grad[start:stop]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` (B, ...) of every process along dim 0, keeping the gradient to each
-    process's own rows (``torch.distributed.nn.functional.all_gather``); ``x`` itself when no
-    process group is initialised (one process)."""
+    """Concatenate ``x`` (B, ...) of every process along dim 0 (equal B on every process),
+    differentiable with respect to this process's rows; ``x`` itself when no process group is
+    initialised (one process)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
+    return _GatherRows.apply(x)
 
 
 def gather_ids(ids: torch.Tensor) -> torch.Tensor:
