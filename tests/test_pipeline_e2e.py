@@ -44,6 +44,29 @@ def test_repro_builds_every_stage_output(built_copy: Path) -> None:
     assert (built_copy / "reports/report.md").is_file()
 
 
+def test_xvlm_stem_starts_from_the_detector_backbone(built_copy: Path) -> None:
+    """The default X-VLM is a hybrid ViT whose CNN stem is initialised from the detector's
+    backbone (X-VLM's analogue of an ImageNet-trained Swin); DVC must know that it reads it."""
+    import json
+
+    from safetensors.torch import load_file
+
+    lock = yaml.safe_load((built_copy / "dvc.lock").read_text())["stages"]["pretrain@xvlm"]
+    assert "models/detector" in [d["path"] for d in lock["deps"]]
+    config = json.loads((built_copy / "models/pretrained/xvlm/config.json").read_text())
+    detector = json.loads((built_copy / "models/detector/config.json").read_text())
+    assert config["vision_type"] == "hybrid"
+    assert config["vision_config"]["stem_channels"] == detector["channels"]
+    stem = load_file(built_copy / "models/pretrained/xvlm/model.safetensors")
+    backbone = load_file(built_copy / "models/detector/model.safetensors")
+    pairs = [(k, f"backbone.{k.removeprefix('vision.stem.')}") for k in stem if k.startswith("vision.stem.")]
+    assert pairs and all(b in backbone for _, b in pairs)
+    for k, b in pairs:  # a few pre-training steps move the copied weights only a little
+        if stem[k].is_floating_point() and stem[k].numel() > 1:
+            drift = (stem[k] - backbone[b]).norm() / backbone[b].norm().clamp_min(1e-8)
+            assert drift < 0.2, (k, float(drift))
+
+
 def test_second_repro_runs_nothing(built_copy: Path) -> None:
     r = _run([str(BIN / "dvc"), "repro"], built_copy)
     assert "Running stage" not in r.stdout, r.stdout

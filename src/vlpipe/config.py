@@ -800,7 +800,13 @@ class XvlmPretrainParams(Strict):
     drawn per step from the image's objects (scene graphs) and its RefCOCO train expressions.
     """
 
-    model: XvlmModelParams = Field(default_factory=XvlmModelParams)
+    model: XvlmModelParams = Field(
+        default_factory=lambda: XvlmModelParams(vision_type="hybrid", vision_init="models/detector"),
+        description=(
+            "hybrid ViT whose CNN stem starts from the world detector's backbone, as X-VLM's Swin starts"
+            " from ImageNet weights (a ViT from pixels: zero-shot ITC r_mean 0.695, RefCOCO 0.480)"
+        ),
+    )
     train: TrainParams = Field(
         default_factory=lambda: TrainParams(lr=3e-4, batch_size=64, epochs=3, warmup_ratio=0.05),
         description="lr 1e-3 leaves ITM and the box loss at chance level (fusion layers from scratch)",
