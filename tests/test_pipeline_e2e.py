@@ -57,6 +57,7 @@ def test_xvlm_stem_starts_from_the_detector_backbone(built_copy: Path) -> None:
     detector = json.loads((built_copy / "models/detector/config.json").read_text())
     assert config["vision_type"] == "hybrid"
     assert config["vision_config"]["stem_channels"] == detector["channels"]
+    assert config["vision_config"]["stem_levels"] == [0, len(detector["channels"]) - 1]  # colour + shape stages
     stem = load_file(built_copy / "models/pretrained/xvlm/model.safetensors")
     backbone = load_file(built_copy / "models/detector/model.safetensors")
     pairs = [(k, f"backbone.{k.removeprefix('vision.stem.')}") for k in stem if k.startswith("vision.stem.")]

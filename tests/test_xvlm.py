@@ -395,6 +395,59 @@ def test_hybrid_stem_loads_the_detector_backbone(tmp_path: Path) -> None:
         tiny_model(vision_type="hybrid", vision_init=str(det))
 
 
+def test_hybrid_tokens_fold_the_first_stem_stage_onto_the_grid() -> None:
+    """With stem_levels [0, -1] each token's input holds its cell's block of the first stage (which
+    keeps colour) folded by space-to-depth (or its mean), beside the last stage; [-1] reads the
+    last stage alone."""
+    from vlpipe.models.xvlm import VisionEncoder, hybrid_vision_config, stem_token_channels
+
+    captured: list[torch.Tensor] = []
+
+    def token_inputs(levels: list[int], maps: list[torch.Tensor], pool: str = "fold") -> torch.Tensor:
+        params = tiny_params(vision_type="hybrid", stem_channels=[4, 8], stem_levels=levels, stem_pool=pool)
+        vision = VisionEncoder("hybrid", hybrid_vision_config(params))
+        vision.stem.forward = lambda _px: maps  # the stem's maps are the test's input
+        hook = vision.backbone.embeddings.patch_embeddings.register_forward_pre_hook(
+            lambda _m, args: captured.append(args[0])
+        )
+        vision(torch.zeros(2, 3, 16, 16))
+        hook.remove()
+        return captured.pop()
+
+    torch.manual_seed(0)
+    maps = [torch.randn(2, 4, 8, 8), torch.randn(2, 8, 4, 4)]  # stride 2 and stride 4 of a 16 px image
+    both = token_inputs([0, -1], maps)  # (B, 4 * 2 * 2 + 8, G, G)
+    assert both.shape == (2, stem_token_channels([4, 8], [0, 1], "fold"), 4, 4) == (2, 24, 4, 4)
+    assert torch.equal(both[:, 16:], maps[1])
+    for i, j in [(0, 0), (1, 3), (3, 2)]:  # cell (i, j) covers first-stage pixels [2i, 2i + 2) x [2j, 2j + 2)
+        block = maps[0][:, :, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2]  # (B, 4, 2, 2)
+        assert torch.equal(both[:, :16, i, j], block.flatten(1))
+    perturbed = [maps[0].clone(), maps[1]]
+    perturbed[0][:, :, 0, 0] += 1.0  # first-stage pixel of cell (0, 0) only
+    changed = (token_inputs([0, -1], perturbed) != both).any(dim=1)  # (B, G, G)
+    assert changed[:, 0, 0].all() and changed.sum() == 2
+    last_only = token_inputs([-1], maps)
+    assert last_only.shape == (2, 8, 4, 4) and torch.equal(token_inputs([-1], perturbed), last_only)
+    mean = token_inputs([0, -1], maps, pool="mean")  # the cell's average of the first stage instead
+    assert mean.shape == (2, stem_token_channels([4, 8], [0, 1], "mean"), 4, 4) == (2, 12, 4, 4)
+    assert torch.equal(mean[:, 4:], maps[1])
+    assert torch.allclose(mean[:, :4, 1, 3], maps[0][:, :, 2:4, 6:8].mean(dim=(2, 3)))
+
+
+def test_stem_levels_are_checked_and_old_hybrid_configs_read_the_last_stage() -> None:
+    from pydantic import ValidationError
+
+    from vlpipe.models.xvlm import VisionEncoder, hybrid_vision_config
+
+    with pytest.raises(ValidationError, match="stem_levels"):
+        tiny_params(vision_type="hybrid", stem_channels=[4, 8], stem_levels=[2])
+    config = hybrid_vision_config(tiny_params(vision_type="hybrid", stem_channels=[4, 8], stem_levels=[-1, 0, 1]))
+    assert config["stem_levels"] == [0, 1] and config["stem_pool"] == "mean" and config["num_channels"] == 4 + 8
+    old = hybrid_vision_config(tiny_params(vision_type="hybrid", stem_channels=[4, 8], stem_levels=[-1]))
+    del old["stem_levels"]  # a config saved before the field existed
+    assert VisionEncoder("hybrid", old).stem_levels == [1]
+
+
 def test_text_weights_load_from_a_bert_checkpoint(tmp_path: Path) -> None:
     from transformers import BertConfig, BertModel
 

@@ -12,6 +12,7 @@ upstream stage's ``meta.json``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union
 
@@ -669,6 +670,14 @@ class CaptionParams(Strict):
     )
 
 
+def resolve_stem_levels(levels: Sequence[int], n_stages: int) -> list[int]:
+    """Resolve Python-style stage indices (``-1`` = last) of an ``n_stages`` stem: sorted, unique."""
+    bad = [i for i in levels if not -n_stages <= i < n_stages]
+    if bad:
+        raise ValueError(f"stem_levels {list(levels)} out of range for a stem of {n_stages} stages")
+    return sorted({i % n_stages for i in levels})
+
+
 class XvlmModelParams(Strict):
     """X-VLM (Zeng et al., ICML 2022) sizes and pre-training recipe (formats.md §7).
 
@@ -693,6 +702,23 @@ class XvlmModelParams(Strict):
         default_factory=lambda: [32, 64, 128],
         min_length=1,
         description="hybrid: CNN stem stages (stride 2 each)",
+    )
+    stem_levels: list[int] = Field(
+        default_factory=lambda: [0, -1],
+        min_length=1,
+        description=(
+            "hybrid: stem stages whose maps make the tokens (Python indices), each folded onto the last"
+            " stage's grid (space-to-depth) and concatenated. [0, -1] pools the first (colour, texture) and the"
+            " last (shape) stage like the detector's RoI head; the last alone has lost colour"
+        ),
+    )
+    stem_pool: Literal["mean", "fold"] = Field(
+        "mean",
+        description=(
+            "hybrid: how an earlier stage meets the last stage's grid: mean (the cell's average: C channels, like"
+            " RoIAlign's bins) or fold (space-to-depth, every pixel of the cell: C * f^2 channels, which drown"
+            " the last stage's: RefCOCO 0.755 against 0.846 with mean)"
+        ),
     )
     image_size: int = Field(64, ge=16, description="input side in pixels (images are resized to it)")
     patch_size: int = Field(8, ge=1, description="pixels per patch side")
@@ -754,7 +780,10 @@ class XvlmModelParams(Strict):
             raise ValueError(
                 f"max_text_length ({self.max_text_length}) exceeds max_position_embeddings ({self.max_position_embeddings})"
             )
-        stride = 2 ** len(self.stem_channels) if self.vision_type == "hybrid" else self.patch_size
+        n_stages = len(self.stem_channels)
+        if self.vision_type == "hybrid" and self.vision_init is None:
+            resolve_stem_levels(self.stem_levels, n_stages)  # with vision_init the detector's config decides the stages
+        stride = 2 ** n_stages if self.vision_type == "hybrid" else self.patch_size
         if self.image_size % stride:
             raise ValueError(
                 f"image_size ({self.image_size}) must be a multiple of the patch side ({stride})"

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import PretrainedConfig
 
-from vlpipe.config import XvlmModelParams
+from vlpipe.config import XvlmModelParams, resolve_stem_levels
 from vlpipe.errors import InputError
 from vlpipe.eval.boxes import box_regression_losses
 from vlpipe.io import atomic_dir, read_json
@@ -144,13 +144,27 @@ def hybrid_vision_config(params: XvlmModelParams) -> dict[str, Any]:
         channels = read_json(path).get("channels")
         if not (isinstance(channels, list) and channels and all(isinstance(c, int) for c in channels)):
             raise InputError(path, f"expected a detector config with a 'channels' list, got {channels!r}")
+    try:
+        levels = resolve_stem_levels(params.stem_levels, len(channels))
+    except ValueError as e:
+        raise InputError(Path(params.vision_init or ".") / CONFIG_NAME, str(e)) from e
     stride = 2 ** len(channels)
     cfg = ViTConfig(
-        image_size=params.image_size // stride, patch_size=1, num_channels=channels[-1],
+        image_size=params.image_size // stride, patch_size=1,
+        num_channels=stem_token_channels(channels, levels, params.stem_pool),
         hidden_size=params.vision_hidden_size, num_hidden_layers=params.vision_layers,
         num_attention_heads=params.vision_heads, intermediate_size=params.vision_intermediate_size,
     )  # fmt: skip
-    return cfg.to_dict() | {"stem_channels": channels}
+    return cfg.to_dict() | {"stem_channels": channels, "stem_levels": levels, "stem_pool": params.stem_pool}
+
+
+def stem_token_channels(channels: Sequence[int], levels: Sequence[int], pool: str) -> int:
+    """Channels per grid cell from the stem stages ``levels``. Stage i (stride 2^(i+1)) meets the
+    last stage's grid (stride 2^len) by space-to-depth (``fold``: C_i * (2^len / 2^(i+1))^2
+    channels) or by averaging each cell (``mean``: C_i channels)."""
+    if pool == "mean":
+        return sum(channels[i] for i in levels)
+    return sum(channels[i] * 4 ** (len(channels) - 1 - i) for i in levels)
 
 
 def read_vision_config(vision_type: str, path: str | Path) -> dict[str, Any]:
@@ -212,6 +226,9 @@ class VisionEncoder(nn.Module):
         self.vision_type = vision_type
         config = dict(vision_config)
         stem_channels = config.pop("stem_channels", None)
+        # Configs written before stem_levels existed read the last stage only.
+        self.stem_levels = list(config.pop("stem_levels", [len(stem_channels or [0]) - 1]))
+        self.stem_pool = config.pop("stem_pool", "mean")
         cfg = config_cls.from_dict(config)
         kwargs = {} if vision_type == "clip" else {"add_pooling_layer": False}
         self.backbone = model_cls(cfg, **kwargs)
@@ -238,7 +255,15 @@ class VisionEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # (B, 3, S, S) -> (B, 1 + G*G, Dv)
         if self.vision_type == "hybrid":
-            pixel_values = self.stem(pixel_values)[-1]  # (B, C, G, G) feature map, one token per cell
+            maps = self.stem(pixel_values)  # stage i: (B, C_i, S / 2^(i+1), S / 2^(i+1))
+            last = len(maps) - 1
+            # Bring each chosen stage onto the G x G grid of the last one, f = 2^(last - i): fold gives
+            # (B, C_i * f^2, G, G), so the ViT's 1x1 patch embedding sees every pixel-level cell of its
+            # patch; mean gives (B, C_i, G, G), the cell's average (its colour without drowning the shape).
+            reduce = F.pixel_unshuffle if self.stem_pool == "fold" else F.avg_pool2d
+            pixel_values = torch.cat(
+                [reduce(maps[i], 2 ** (last - i)) if i < last else maps[i] for i in self.stem_levels], dim=1
+            )  # (B, channels, G, G), one token per cell
         hidden = self.backbone(pixel_values=pixel_values).last_hidden_state
         if self.vision_type == "clip":
             return self.backbone.post_layernorm(hidden)
