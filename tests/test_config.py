@@ -189,3 +189,47 @@ def test_finetune_entries_are_typed_by_model_and_task(tmp_path):
         Params.model_validate({"finetune": {"vlp-vqa": {"model": "vlp", "task": "vqa", "beam_size": 5}}})
     with pytest.raises(ValidationError, match="not available"):
         Params.model_validate({"finetune": {"vlp-gqa": {"model": "vlp", "task": "gqa"}}})
+
+
+def test_start_from_is_the_pretrained_model_or_another_finetuning_of_the_same_model():
+    entries = {"lxmert-vqa": {"model": "lxmert", "task": "vqa"}, "lxmert-gqa": {"model": "lxmert", "task": "gqa"},
+               "xlxmert-vqa": {"model": "xlxmert", "task": "vqa"}, "vlp-vqa": {"model": "vlp", "task": "vqa"},
+               "vlp-caption": {"model": "vlp", "task": "caption"}, "xvlm-vqa": {"model": "xvlm", "task": "vqa"}}  # fmt: skip
+
+    def params(**start: str) -> Params:
+        data = {k: dict(v, **({"start_from": start[k]} if k in start else {})) for k, v in entries.items()}
+        return Params.model_validate({"finetune": data})
+
+    p = params(**{"lxmert-gqa": "models/finetuned/lxmert-vqa"})
+    assert {k: e.start_from for k, e in p.finetune.items()} == {
+        "lxmert-vqa": "models/pretrained/lxmert", "lxmert-gqa": "models/finetuned/lxmert-vqa",
+        "xlxmert-vqa": "models/pretrained/xlxmert", "vlp-vqa": "models/pretrained/vlp",
+        "vlp-caption": "models/pretrained/vlp", "xvlm-vqa": "models/pretrained/xvlm"}  # fmt: skip
+    bad = {
+        "lxmert-gqa": ("models/finetuned/xlxmert-vqa", "fine-tunes 'xlxmert', not 'lxmert'"),
+        "lxmert-vqa": ("models/finetuned/lxmert-vqa", "comes back to 'lxmert-vqa'"),
+        "xlxmert-vqa": ("models/finetuned/xlxmert-gqa", "expected models/pretrained/xlxmert or models/finetuned"),
+        "vlp-vqa": ("models/finetuned/vlp-caption", "a vlp fine-tuning starts from models/pretrained/vlp"),
+        "xvlm-vqa": ("models/pretrained/lxmert", "expected models/pretrained/xvlm"),
+    }
+    for key, (start, message) in bad.items():
+        with pytest.raises(ValidationError, match=f"finetune.{key}.start_from: .*{message}"):
+            params(**{key: start})
+    with pytest.raises(ValidationError, match="comes back to 'lxmert-vqa'"):  # a two-step cycle
+        params(**{"lxmert-vqa": "models/finetuned/lxmert-gqa", "lxmert-gqa": "models/finetuned/lxmert-vqa"})
+    with pytest.raises(ValidationError, match="init must be 'pretrained' or 'scratch'"):
+        Params.model_validate({"finetune": {**entries, "lxmert-gqa": {
+            "model": "lxmert", "task": "gqa", "init": "/ckpt/BEST.pth", "start_from": "models/finetuned/lxmert-vqa"}}})  # fmt: skip
+
+
+def test_swap_sides_is_for_nlvr2_only():
+    assert Params.model_validate({"finetune": {"lxmert-nlvr2": {"model": "lxmert", "task": "nlvr2", "swap_sides": True}}})
+    for key, model, task in (("lxmert-vqa", "lxmert", "vqa"), ("xvlm-refcoco", "xvlm", "refcoco")):
+        with pytest.raises(ValidationError, match="swap_sides is for NLVR2 only"):
+            Params.model_validate({"finetune": {key: {"model": model, "task": task, "swap_sides": True}}})
+
+
+def test_mark_sides_is_for_nlvr2_only():
+    assert Params.model_validate({"finetune": {"lxmert-nlvr2": {"model": "lxmert", "task": "nlvr2", "mark_sides": True}}})
+    with pytest.raises(ValidationError, match="mark_sides is for NLVR2 only"):
+        Params.model_validate({"finetune": {"lxmert-gqa": {"model": "lxmert", "task": "gqa", "mark_sides": True}}})

@@ -624,3 +624,40 @@ def test_with_the_world_scene_sampler(tmp_path):
         assert target["bbox"] == r["bbox"]
     ids = {im["cocoid"] for im in load(tmp_path, "karpathy/dataset_coco.json")["images"]}
     assert ids == {world.image_int_id(s["img_id"]) for sp in SPLITS for s in scenes[sp]}
+
+
+def test_swap_sides_mirrors_every_nlvr2_template_and_keeps_its_truth(scenes, params):
+    """``swap_sides`` (the NLVR2 augmentation) turns each statement into its mirror image,
+    whose truth on the swapped pair is the original's, for every template."""
+    from dataclasses import replace
+
+    from vlpipe.data.language import nlvr2 as templates
+    from vlpipe.data.language.corpus import scene_views, vocab_of
+    from vlpipe.tasks.base import Example
+    from vlpipe.tasks.nlvr2 import swap_sides
+
+    def mirror(st):
+        if isinstance(st, (templates.OneImage, templates.MoreThan)):
+            return replace(st, side="right" if st.side == "left" else "left")
+        if isinstance(st, templates.Connective):
+            return replace(st, left_clause=st.right_clause, right_clause=st.left_clause)
+        return st  # Both, ExactlyOne, SameNumber are symmetric
+
+    views, vocab, rng = scene_views(scenes["train"], params), vocab_of(params), np.random.default_rng(0)
+    seen, defined = set(), 0
+    for _ in range(600):
+        st = templates.sample_statement(vocab, rng)
+        i, j = (int(k) for k in rng.choice(len(views), size=2, replace=False))
+        ex = Example(key="k", img_ids=(views[i].img_id, views[j].img_id), sent=st.sentence, target=st.truth(views[i], views[j]))
+        (out,) = swap_sides([ex])
+        assert out.key == "k-swapped" and out.img_ids == (views[j].img_id, views[i].img_id)
+        if isinstance(st, templates.Connective):  # the same statement, the right image named first
+            want = (f"The right image contains {st.left_clause.text} {st.connective} "
+                    f"the left image contains {st.right_clause.text}.")  # fmt: skip
+        else:
+            want = mirror(st).sentence
+        assert out.sent == want and out.target == ex.target
+        assert mirror(st).truth(views[j], views[i]) == ex.target
+        seen.add((type(st).__name__, getattr(st, "connective", "")))
+        defined += ex.target is not None
+    assert len(seen) == 7 and defined > 400  # every template, mostly defined truth values

@@ -404,3 +404,35 @@ def test_pretrain_collate_marks_the_sentences_of_the_match_sources():
     assert collate(examples)["match_valid"].tolist() == [True, False, True]
     every = make_pretrain_collate(tokenizer, lambda ids: {}, {"yes": 0}, 8, None)
     assert every(examples)["match_valid"].tolist() == [True, True, True]
+
+
+def test_finetuning_can_start_from_another_finetunings_encoder(tmp_path, tiny_world):
+    """``start_from: models/finetuned/<key>``: the encoder comes from that task model (its
+    head is dropped), ``init: scratch`` keeps only its architecture, another model's is refused."""
+    from vlpipe.config import FinetuneParams
+    from vlpipe.errors import InputError
+    from vlpipe.models.lxmert import LxmertEncoder
+    from vlpipe.stages.lxmert import build_task_model, save_task_model
+    from vlpipe.tasks.base import TaskModel
+    from vlpipe.tasks.nlvr2 import Nlvr2Task
+    from vlpipe.tasks.vqa import VqaTask
+
+    vqa, nlvr2 = VqaTask(tiny_world), Nlvr2Task(tiny_world)
+    source = TaskModel(LxmertEncoder(tiny_model(seed=3).lxmert), vqa.build_head(32), 1)
+    save_task_model(source, vqa, FinetuneParams(model="lxmert", task="vqa"), tmp_path / "models/finetuned/lxmert-vqa")
+    want = source.encoder.state_dict()
+
+    p = FinetuneParams(model="lxmert", task="nlvr2", start_from="models/finetuned/lxmert-vqa")
+    model, copied = build_task_model(p, nlvr2, tmp_path)
+    got = model.encoder.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert model.num_images == 2 and model.head.logit_fc[-1].out_features == 2 and copied == 0
+
+    scratch, _ = build_task_model(p.model_copy(update={"init": "scratch"}), nlvr2, tmp_path)
+    fresh = scratch.encoder.state_dict()
+    assert all(fresh[k].shape == want[k].shape for k in want)
+    assert not torch.equal(fresh["lxmert.encoder.layer.0.attention.self.query.weight"],
+                           want["lxmert.encoder.layer.0.attention.self.query.weight"])  # fmt: skip
+
+    with pytest.raises(InputError, match="task.json.*expected a fine-tuned 'xlxmert' model"):
+        build_task_model(p.model_copy(update={"model": "xlxmert"}), nlvr2, tmp_path)

@@ -68,6 +68,17 @@ def test_xvlm_stem_starts_from_the_detector_backbone(built_copy: Path) -> None:
             assert drift < 0.2, (k, float(drift))
 
 
+def test_nlvr2_starts_from_the_vqa_finetuning_and_dvc_tracks_it(built_copy: Path) -> None:
+    """``finetune.lxmert-nlvr2.start_from: models/finetuned/lxmert-vqa`` puts the VQA fine-tuning
+    upstream: the NLVR2 stage's lock entry records the exact VQA model it started from."""
+    lock = yaml.safe_load((built_copy / "dvc.lock").read_text())["stages"]
+    (vqa_out,) = [o for o in lock["finetune@lxmert-vqa"]["outs"] if o["path"] == "models/finetuned/lxmert-vqa"]
+    deps = {d["path"]: d for d in lock["finetune@lxmert-nlvr2"]["deps"]}
+    assert deps["models/finetuned/lxmert-vqa"]["md5"] == vqa_out["md5"]
+    assert "models/pretrained/lxmert" not in deps
+    assert lock["finetune@lxmert-nlvr2"]["params"]["params.yaml"]["finetune.lxmert-nlvr2"]["swap_sides"] is True
+
+
 def test_second_repro_runs_nothing(built_copy: Path) -> None:
     r = _run([str(BIN / "dvc"), "repro"], built_copy)
     assert "Running stage" not in r.stdout, r.stdout

@@ -138,3 +138,22 @@ def test_task_model_collate_and_predict(task, tiny_world: Path, tmp_path: Path) 
     assert set(preds) == {ex.key for ex in val}
     metric = task.metric(preds, "val")
     assert 0.0 <= metric.get("overall", metric.get("accuracy")) <= 1.0
+
+
+def test_mark_sides_gives_each_nlvr2_row_the_index_of_its_image(tiny_world: Path, tmp_path: Path) -> None:
+    from vlpipe.config import TokenizerParams
+    from vlpipe.data.tokenizer import build_tokenizer, load_tokenizer
+
+    build_tokenizer(TokenizerParams(vocab_size=200), tiny_world, tmp_path)
+    tok, task = load_tokenizer(tmp_path), TASKS["nlvr2"](tiny_world)
+
+    def visual(ids):
+        return {"visual_feats": torch.zeros(len(ids), 3, 4), "visual_pos": torch.zeros(len(ids), 3, 4)}
+
+    examples = task.examples("train")[:3]
+    plain = make_collate(task, tok, visual, max_length=24)(examples)["inputs"]
+    marked = make_collate(task, tok, visual, max_length=24, mark_sides=True)(examples)["inputs"]
+    assert not plain["token_type_ids"].any()
+    # rows (example 0, left), (example 0, right), (example 1, left), ...: types 0, 1, 0, 1, 0, 1
+    assert marked["token_type_ids"].tolist() == [[k % 2] * plain["input_ids"].shape[1] for k in range(6)]
+    assert torch.equal(marked["input_ids"], plain["input_ids"])

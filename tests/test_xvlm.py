@@ -463,3 +463,21 @@ def test_text_weights_load_from_a_bert_checkpoint(tmp_path: Path) -> None:
                        state["encoder.layer.1.attention.self.query.weight"])  # fmt: skip
     assert torch.equal(model.bert.encoder.layer[0].intermediate.weight, state["encoder.layer.0.intermediate.dense.weight"])
     assert model.mlm_head.decoder.weight is model.bert.embeddings.word_embeddings.weight
+
+
+def test_finetuning_can_start_from_another_finetunings_encoder(tmp_path: Path) -> None:
+    """``start_from: models/finetuned/xvlm-vqa``: NLVR2 starts from the VQA model's image and
+    text encoders (its answer head is dropped); a refcoco start gets a fresh box head."""
+    from vlpipe.config import XvlmFinetuneParams
+    from vlpipe.stages.xvlm import load_for_finetuning, save_task_model
+    from vlpipe.tasks.base import TaskModel
+
+    vqa = XvlmFinetuneParams(task="vqa")
+    source = TaskModel(XvlmEncoder(tiny_model(seed=5)), torch.nn.Linear(16, 3), 1)
+    save_task_model(source, vqa, tmp_path / "models/finetuned/xvlm-vqa")
+    want = {k.removeprefix("encoder."): v for k, v in source.state_dict().items() if k.startswith("encoder.")}
+    for task in ("nlvr2", "refcoco"):
+        p = XvlmFinetuneParams(task=task, start_from="models/finetuned/xvlm-vqa")
+        got = load_for_finetuning(p, tmp_path).state_dict()
+        assert all(torch.equal(got[k], v) for k, v in want.items())
+        assert any(k.startswith("bbox_head.") for k in got) == (task == "refcoco")

@@ -187,6 +187,11 @@ def build_task_model(p: FinetuneParams, task: Any, root: Path):
 
     pre_dir = root / PRETRAINED / p.model
     seed_everything(p.train.seed)
+    if Path(p.start_from) != PRETRAINED / p.model:
+        # Intermediate-task transfer (params ``start_from``): another fine-tuning's encoder,
+        # a fresh head; with ``init: scratch`` only its architecture.
+        encoder = load_task_encoder(root / p.start_from, p.model, weights=p.init != "scratch")
+        return TaskModel(encoder, task.build_head(encoder.hidden_size), task.num_images), 0
     if p.model == "xlxmert":
         # No QA pre-training in X-LXMERT: nothing to transfer into the head.
         from vlpipe.models.xlxmert import load_pretrained_encoder
@@ -232,8 +237,12 @@ def run_finetune(key: str, params_path: Path, root: Path) -> None:
     model, copied = build_task_model(p, task, root)
     visual = visual_inputs(p.model, model.encoder.config, root)
     max_len = int(model.encoder.max_text_length)
-    collate = make_collate(task, tok, visual, max_len)
+    collate = make_collate(task, tok, visual, max_len, mark_sides=p.mark_sides)
     train_ex, val_ex = task.examples("train"), task.examples("val")
+    if p.swap_sides:
+        from vlpipe.tasks.nlvr2 import swap_sides
+
+        train_ex += swap_sides(train_ex)
 
     def loss_fn(m: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return task.loss(m(batch["inputs"]), batch["targets"])
@@ -241,7 +250,8 @@ def run_finetune(key: str, params_path: Path, root: Path) -> None:
     def eval_fn(m: torch.nn.Module, step: int) -> dict[str, float]:
         return _flat(task.metric(predict_all(m, task, val_ex, collate, p.eval_batch_size), "val"))
 
-    fingerprint = json.dumps({"key": key, "init": p.init})
+    fingerprint = json.dumps({"key": key, "init": p.init, "start_from": p.start_from, "swap_sides": p.swap_sides,
+                              "mark_sides": p.mark_sides})
     result = fit(
         model, loss_fn, ExampleDataset(train_ex), collate, p.train, root / RUNS / f"finetune-{key}",
         eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=fingerprint,
@@ -272,6 +282,26 @@ def save_task_model(model: Any, task: Any, p: FinetuneParams, out_dir: Path) -> 
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "task.json", {"model": p.model, "task": p.task, "num_images": task.num_images})
+
+
+def load_task_encoder(model_dir: Path, model: str, *, weights: bool = True):
+    """The encoder of a task model written by :func:`save_task_model` (its head is dropped),
+    for a fine-tuning that starts from another one; ``weights=False``: its architecture only."""
+    from transformers import LxmertConfig, LxmertModel
+
+    from vlpipe.models.convert import TIED_KEY, load_state_dict_into, read_checkpoint
+    from vlpipe.models.lxmert import LxmertEncoder
+
+    info = read_json(model_dir / "task.json")
+    if info.get("model") != model:
+        raise InputError(model_dir / "task.json", f"expected a fine-tuned {model!r} model, got {info.get('model')!r}")
+    encoder = LxmertEncoder(LxmertModel(LxmertConfig.from_dict(read_json(model_dir / "config.json"))))
+    if weights:
+        prefix = "encoder."
+        state = {k.removeprefix(prefix): v for k, v in read_checkpoint(model_dir).items() if k.startswith(prefix)}
+        # (the loader adds the MLM decoder tied to the word embeddings: an encoder has none)
+        load_state_dict_into(encoder, state, model_dir, allow_unexpected=(TIED_KEY,))
+    return encoder
 
 
 def load_task_model(model_dir: Path, task: Any):
@@ -312,7 +342,7 @@ def run_submit(key: str, params_path: Path, root: Path) -> None:
     model = load_task_model(root / FINETUNED / key, task)
     visual = visual_inputs(p.model, model.encoder.config, root)
     collate = make_collate(task, load_tokenizer(root / TOKENIZER), visual, int(model.encoder.max_text_length),
-                           with_targets=False)  # fmt: skip
+                           with_targets=False, mark_sides=p.mark_sides)  # fmt: skip
     preds = predict_all(model, task, task.examples("test"), collate, p.eval_batch_size)
     with atomic_dir(root / "leaderboard" / key) as tmp:
         task.write_submission(preds, tmp)

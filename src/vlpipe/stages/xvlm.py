@@ -291,14 +291,22 @@ def load_for_finetuning(p: XvlmFinetuneParams, root: Path) -> Any:
     from vlpipe.models.xvlm import TIED_KEY, Xvlm, load_xvlm_config
     from vlpipe.train.loop import seed_everything
 
-    source = root / PRETRAINED / MODEL if p.init in ("pretrained", "scratch") else Path(p.init)
+    source = root / p.start_from if p.init in ("pretrained", "scratch") else Path(p.init)
     config = load_xvlm_config(source)
     config.tasks = FINETUNE_TASKS[p.task]
     seed_everything(p.train.seed)
     model = Xvlm(config)
     if p.init != "scratch":
         state = {k: v for k, v in read_checkpoint(source / "model.safetensors").items() if k != TIED_KEY}
-        load_state_dict_into(model, state, source, allow_unexpected=("mlm_head.", "bbox_head.", "itm_head."))
+        fresh: tuple[str, ...] = ()
+        if any(k.startswith("encoder.") for k in state):
+            # A task model of ours (start_from another fine-tuning): its image and text
+            # encoders; the heads this task needs start fresh, the source's own head is dropped.
+            state = {k.removeprefix("encoder."): v for k, v in state.items()
+                     if k.startswith(("encoder.vision.", "encoder.bert."))}  # fmt: skip
+            fresh = ("itm_head.", "bbox_head.", "vision_proj.", "text_proj.", "temp")
+        load_state_dict_into(model, state, source, allow_missing=fresh,
+                             allow_unexpected=("mlm_head.", "bbox_head.", "itm_head."))  # fmt: skip
     return model
 
 
@@ -379,7 +387,7 @@ def finetune_retrieval(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str,
 
     result = fit(
         model, loss_fn, ExampleDataset(train_ex), collate, p.train, root / RUNS / f"finetune-{key}",
-        eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=json.dumps({"key": key, "init": p.init}),
+        eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=json.dumps({"key": key, "init": p.init, "start_from": p.start_from, "swap_sides": p.swap_sides}),
     )  # fmt: skip
     with atomic_dir(root / FINETUNED / key) as tmp:
         write_xvlm_files(result.model, tmp)
@@ -409,6 +417,10 @@ def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]
     visual = PixelInputs(root / WORLD, pre.vision.image_size)
     collate = make_pixel_collate(task, tok, visual, encoder.max_text_length)
     train_ex, val_ex = task.examples("train"), task.examples("val")
+    if p.swap_sides:
+        from vlpipe.tasks.nlvr2 import swap_sides
+
+        train_ex += swap_sides(train_ex)
 
     def loss_fn(m: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return task.loss(m(batch["inputs"]), batch["targets"])
@@ -418,7 +430,7 @@ def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]
 
     result = fit(
         model, loss_fn, ExampleDataset(train_ex), collate, p.train, root / RUNS / f"finetune-{key}",
-        eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=json.dumps({"key": key, "init": p.init}),
+        eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=json.dumps({"key": key, "init": p.init, "start_from": p.start_from, "swap_sides": p.swap_sides}),
     )  # fmt: skip
     save_task_model(result.model, p, root / FINETUNED / key)
     metrics = {"val": result.eval_metrics, "train": result.losses, "steps": result.step, "init": p.init,

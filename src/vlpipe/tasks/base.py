@@ -103,10 +103,13 @@ def make_collate(
     visual: Callable[[Sequence[str]], dict[str, torch.Tensor]],
     max_length: int,
     with_targets: bool = True,
+    mark_sides: bool = False,
 ) -> Callable[[list[Example]], dict[str, Any]]:
     """Collate examples into ``{"inputs", "targets", "examples"}``.
 
     Each example contributes ``task.num_images`` rows: its sentence with each of its images.
+    ``mark_sides``: the token type of a row's sentence is the index of its image (NLVR2: 0
+    left, 1 right), so the encoder knows which image "the left image" of the sentence is.
     """
 
     def collate(batch: list[Example]) -> dict[str, Any]:
@@ -114,10 +117,14 @@ def make_collate(
         img_ids = [i for ex in batch for i in ex.img_ids]
         text = tokenizer(sents, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
         vis = visual(img_ids)
+        token_types = text["token_type_ids"]  # (B * n, L), zeros
+        if mark_sides:
+            side = torch.arange(len(sents)) % task.num_images  # rows are (example, image) pairs
+            token_types = side[:, None].expand_as(token_types).contiguous()
         inputs = {
             "input_ids": text["input_ids"],  # (B * n, L)
             "attention_mask": text["attention_mask"],
-            "token_type_ids": text["token_type_ids"],
+            "token_type_ids": token_types,
             "visual_feats": vis["visual_feats"],  # (B * n, N, D)
             "visual_pos": vis["visual_pos"],  # (B * n, N, 4)
         }

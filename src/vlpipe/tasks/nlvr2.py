@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,23 @@ from vlpipe.eval.nlvr2 import nlvr2_metrics
 from vlpipe.io import atomic_file
 from vlpipe.models.layers import AnswerHead
 from vlpipe.tasks.base import Example, Task
+
+_SIDE = re.compile(r"\b(left|right|Left|Right)\b")
+_OTHER_SIDE = {"left": "right", "right": "left", "Left": "Right", "Right": "Left"}
+
+
+def swap_sides(examples: Sequence[Example]) -> list[Example]:
+    """Each pair mirrored: images swapped and "left" / "right" swapped in the sentence, which
+    keeps its truth value (the label is unchanged). Keys get a ``-swapped`` suffix.
+
+    Exact for the world's templates (where "left" / "right" only name the image); on real
+    NLVR2 an occasional "left" inside one image would be mirrored too.
+    """
+    return [
+        replace(ex, key=f"{ex.key}-swapped", img_ids=tuple(reversed(ex.img_ids)),
+                sent=_SIDE.sub(lambda m: _OTHER_SIDE[m.group(1)], ex.sent))  # fmt: skip
+        for ex in examples
+    ]
 
 
 class Nlvr2Task(Task):
