@@ -57,7 +57,11 @@ def tiny_overrides() -> dict:
             key: {"train": {"max_steps": 2, "batch_size": 8, "log_every": 1}}
             for key in dump_defaults()["finetune"]
         }
-        | {"vlp-caption": {"train": {"max_steps": 2, "batch_size": 8, "log_every": 1}, "beam_size": 2, "max_length": 8}},
+        | {"vlp-caption": {"train": {"max_steps": 2, "batch_size": 8, "log_every": 1}, "beam_size": 2, "max_length": 8}}
+        # The optional recipe steps run in the tiny DAG too, whatever their defaults.
+        | {"xvlm-nlvr2": {"train": {"max_steps": 2, "batch_size": 8, "log_every": 1},
+                         "text_assignment": {"max_steps": 2, "batch_size": 8, "log_every": 1}},
+           "lxmert-gqa": {"train": {"max_steps": 2, "batch_size": 8, "log_every": 1}, "mirror": "both"}},
     }
 
 

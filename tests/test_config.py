@@ -233,3 +233,21 @@ def test_mark_sides_is_for_nlvr2_only():
     assert Params.model_validate({"finetune": {"lxmert-nlvr2": {"model": "lxmert", "task": "nlvr2", "mark_sides": True}}})
     with pytest.raises(ValidationError, match="mark_sides is for NLVR2 only"):
         Params.model_validate({"finetune": {"lxmert-gqa": {"model": "lxmert", "task": "gqa", "mark_sides": True}}})
+
+
+def test_mirror_is_for_vqa_and_gqa_only():
+    p = Params.model_validate({"finetune": {"lxmert-gqa": {"model": "lxmert", "task": "gqa", "mirror": "both"}}})
+    assert p.finetune["lxmert-gqa"].mirror == "both"
+    with pytest.raises(ValidationError, match="mirror is for VQA / GQA only"):
+        Params.model_validate({"finetune": {"lxmert-nlvr2": {"model": "lxmert", "task": "nlvr2", "mirror": "horizontal"}}})
+    with pytest.raises(ValidationError, match="mirror"):
+        Params.model_validate({"finetune": {"lxmert-gqa": {"model": "lxmert", "task": "gqa", "mirror": "diagonal"}}})
+
+
+def test_text_assignment_is_nlvr2s_domain_pretraining_only():
+    p = Params.model_validate({"finetune": {"xvlm-nlvr2": {"model": "xvlm", "task": "nlvr2", "text_assignment": {"epochs": 1}}}})
+    assert p.finetune["xvlm-nlvr2"].text_assignment.epochs == 1
+    with pytest.raises(ValidationError, match="text_assignment is NLVR2's domain pre-training"):
+        Params.model_validate({"finetune": {"xvlm-vqa": {"model": "xvlm", "task": "vqa", "text_assignment": {"epochs": 1}}}})
+    with pytest.raises(ValidationError, match="text_assignment"):
+        Params.model_validate({"finetune": {"xvlm-nlvr2": {"model": "xvlm", "task": "nlvr2", "text_assignment": {"epoch": 1}}}})

@@ -79,6 +79,16 @@ def test_nlvr2_starts_from_the_vqa_finetuning_and_dvc_tracks_it(built_copy: Path
     assert lock["finetune@lxmert-nlvr2"]["params"]["params.yaml"]["finetune.lxmert-nlvr2"]["swap_sides"] is True
 
 
+def test_xvlm_nlvr2_runs_its_text_assignment_domain_pretraining_first(built_copy: Path) -> None:
+    import json
+
+    metrics = json.loads((built_copy / "metrics/finetune/xvlm-nlvr2.json").read_text())
+    ta = metrics["text_assignment"]
+    assert ta["steps"] == 2 and set(ta["val"]) >= {"accuracy", "accuracy_first", "accuracy_second", "accuracy_neither"}
+    assert 0.0 <= ta["val"]["accuracy"] <= 1.0 and ta["train"]["ta_ce"] > 0
+    assert not (built_copy / "runs/finetune-xvlm-nlvr2-ta/checkpoints").exists()  # cleared with the stage's own
+
+
 def test_second_repro_runs_nothing(built_copy: Path) -> None:
     r = _run([str(BIN / "dvc"), "repro"], built_copy)
     assert "Running stage" not in r.stdout, r.stdout

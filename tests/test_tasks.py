@@ -157,3 +157,96 @@ def test_mark_sides_gives_each_nlvr2_row_the_index_of_its_image(tiny_world: Path
     # rows (example 0, left), (example 0, right), (example 1, left), ...: types 0, 1, 0, 1, 0, 1
     assert marked["token_type_ids"].tolist() == [[k % 2] * plain["input_ids"].shape[1] for k in range(6)]
     assert torch.equal(marked["input_ids"], plain["input_ids"])
+
+
+def test_mirror_swaps_spatial_words_in_question_and_answers_and_tags_the_copy() -> None:
+    from vlpipe.tasks.base import Example
+    from vlpipe.tasks.mirror import mirror_examples, swap_words
+
+    ex = Example(key="q1", img_ids=("i",), sent="Is the red star left of the circle above the square?",
+                 target={"left": 0.6, "bottom": 0.3, "yes": 1.0})  # fmt: skip
+    h, v, hv = mirror_examples([ex], "both")
+    assert (h.key, v.key, hv.key) == ("q1-mirror-h", "q1-mirror-v", "q1-mirror-h-v")
+    assert h.sent == "Is the red star right of the circle above the square?"
+    assert v.sent == "Is the red star left of the circle below the square?"
+    assert hv.sent == "Is the red star right of the circle below the square?"
+    assert h.target == {"right": 0.6, "bottom": 0.3, "yes": 1.0} and v.target == {"left": 0.6, "top": 0.3, "yes": 1.0}
+    assert (h.info["mirror"], hv.info["mirror"]) == (("horizontal",), ("horizontal", "vertical"))
+    assert ex.info == {} and ex.sent.startswith("Is the red star left")  # the original is untouched
+    assert swap_words("Left, leftover, Right.", ("horizontal",)) == "Right, leftover, Left."  # whole words
+    assert mirror_examples([ex], "none") == [] and len(mirror_examples([ex], "horizontal")) == 1
+    with pytest.raises(ValueError, match="mirror must be one of"):
+        mirror_examples([ex], "diagonal")
+
+
+@pytest.mark.parametrize("axes", [("horizontal",), ("vertical",), ("horizontal", "vertical")])
+def test_mirrored_layout_keeps_every_spatial_relation_true_under_the_swapped_word(axes, tiny_world: Path) -> None:
+    """The world's own relation semantics (box centres with a margin) on reflected scenes:
+    ``a <r> b`` before equals ``a <swapped r> b`` after, for every object pair of its scenes."""
+    from vlpipe.data.language.scene import SPATIAL, SceneView
+    from vlpipe.io import read_json
+    from vlpipe.tasks.mirror import mirror_positions, swap_words
+
+    checked = 0
+    for scene in read_json(tiny_world / "scenes" / "train.json"):
+        w, h = float(scene["width"]), float(scene["height"])
+        boxes = torch.tensor([[x / w, y / h, (x + bw) / w, (y + bh) / h] for x, y, bw, bh in
+                              (o["bbox"] for o in scene["objects"])], dtype=torch.float64)  # fmt: skip
+        flipped = mirror_positions(boxes, axes)  # (N, 4) x1y1x2y2 in [0, 1]
+        objects = [{**o, "bbox": [float(b[0] * w), float(b[1] * h), float((b[2] - b[0]) * w), float((b[3] - b[1]) * h)]}
+                   for o, b in zip(scene["objects"], flipped, strict=True)]  # fmt: skip
+        before, after = SceneView(scene, 0.5, 0.05), SceneView({**scene, "objects": objects}, 0.5, 0.05)
+        for a in before.objects:
+            for b, r in ((b, r) for b in before.objects if b is not a for r in SPATIAL):
+                truth = before.relate(r, a, b)
+                assert after.relate(swap_words(r, axes), after.objects[a.index], after.objects[b.index]) == truth
+                checked += truth is not None
+    assert checked > 100
+    assert torch.allclose(mirror_positions(mirror_positions(boxes, axes), axes), boxes)  # an involution
+
+
+def test_collate_reflects_the_boxes_of_mirrored_copies_only(tiny_world: Path, tmp_path: Path) -> None:
+    from vlpipe.config import TokenizerParams
+    from vlpipe.data.tokenizer import build_tokenizer, load_tokenizer
+    from vlpipe.tasks.mirror import mirror_examples
+
+    build_tokenizer(TokenizerParams(vocab_size=200), tiny_world, tmp_path)
+    tok, task = load_tokenizer(tmp_path), TASKS["gqa"](tiny_world)
+    pos = torch.tensor([[0.1, 0.2, 0.3, 0.6], [0.5, 0.0, 1.0, 0.25]])  # (N, 4)
+
+    def visual(ids):
+        return {"visual_feats": torch.arange(len(ids) * 2 * 3.0).view(len(ids), 2, 3), "visual_pos": pos.expand(len(ids), 2, 4)}
+
+    ex = task.examples("train")[:2]
+    batch = make_collate(task, tok, visual, max_length=24)(ex + mirror_examples(ex, "both"))
+    got = batch["inputs"]["visual_pos"]  # (8, 2, 4): 2 originals, then h, h, v, v, hv, hv
+    assert torch.equal(got[:2], pos.expand(2, 2, 4))
+    assert torch.allclose(got[2], torch.tensor([[0.7, 0.2, 0.9, 0.6], [0.0, 0.0, 0.5, 0.25]]))
+    assert torch.allclose(got[4], torch.tensor([[0.1, 0.4, 0.3, 0.8], [0.5, 0.75, 1.0, 1.0]]))
+    assert torch.allclose(got[6], torch.tensor([[0.7, 0.4, 0.9, 0.8], [0.0, 0.75, 0.5, 1.0]]))
+    assert torch.equal(batch["inputs"]["visual_feats"], visual([0] * 8)["visual_feats"])  # appearance kept
+    assert torch.equal(batch["targets"][2:4], task.targets(ex))  # the world's GQA answers name no side
+
+
+def test_text_assignment_examples_put_the_caption_first_second_or_nowhere() -> None:
+    from vlpipe.tasks.text_assignment import NEITHER, TextAssignment, text_assignment_examples
+
+    captions = [(f"img{i % 7}", f"caption {i}") for i in range(60)]
+    own = dict((s, i) for i, s in captions)
+    ex = text_assignment_examples(captions, seed=3)
+    assert ex == text_assignment_examples(captions, seed=3) and ex != text_assignment_examples(captions, seed=4)
+    assert sorted(e.sent for e in ex) == sorted(s for _, s in captions)  # every caption once
+    assert [sum(e.target == k for e in ex) for k in range(3)] == [20, 20, 20]
+    for e in ex:
+        a, b = e.img_ids
+        assert a != b
+        assert (a == own[e.sent], b == own[e.sent]) == {0: (True, False), 1: (False, True), NEITHER: (False, False)}[e.target]
+    ta = TextAssignment()
+    logits = torch.nn.functional.one_hot(ta.targets(ex), 3).float()  # (60, 3) perfect
+    preds = ta.predict(logits, ex)
+    assert ta.metric(preds, ex) == {"accuracy": 1.0, "accuracy_first": 1.0, "accuracy_second": 1.0, "accuracy_neither": 1.0}
+    preds[ex[0].key] = (ex[0].target + 1) % 3
+    assert ta.metric(preds, ex)["accuracy"] == pytest.approx(59 / 60)
+    assert ta.build_head(8)(torch.randn(5, 16)).shape == (5, 3)
+    with pytest.raises(ValueError, match="at least 3 images"):
+        text_assignment_examples([("a", "x"), ("b", "y")], seed=0)

@@ -243,6 +243,10 @@ def run_finetune(key: str, params_path: Path, root: Path) -> None:
         from vlpipe.tasks.nlvr2 import swap_sides
 
         train_ex += swap_sides(train_ex)
+    if p.mirror != "none":
+        from vlpipe.tasks.mirror import mirror_examples
+
+        train_ex += mirror_examples(train_ex, p.mirror)
 
     def loss_fn(m: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return task.loss(m(batch["inputs"]), batch["targets"])
@@ -251,7 +255,7 @@ def run_finetune(key: str, params_path: Path, root: Path) -> None:
         return _flat(task.metric(predict_all(m, task, val_ex, collate, p.eval_batch_size), "val"))
 
     fingerprint = json.dumps({"key": key, "init": p.init, "start_from": p.start_from, "swap_sides": p.swap_sides,
-                              "mark_sides": p.mark_sides})
+                              "mark_sides": p.mark_sides, "mirror": p.mirror})
     result = fit(
         model, loss_fn, ExampleDataset(train_ex), collate, p.train, root / RUNS / f"finetune-{key}",
         eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=fingerprint,

@@ -108,6 +108,16 @@ def refcoco_regions(world_dir: Path, split: str) -> dict[str, list[Region]]:
     return out
 
 
+def split_captions(world_dir: Path, split: str) -> list[tuple[str, str]]:
+    """(img_id, caption) of every caption of the split's retrieval file, in file order."""
+    from vlpipe.tasks.retrieval import RetrievalSplit, train_examples
+
+    if split == "train":
+        return [(ex.img_ids[0], ex.sent) for ex in train_examples(world_dir / "retrieval" / "train.json")]
+    rs = RetrievalSplit.read(world_dir / "retrieval" / f"{split}.json")
+    return [(rs.images[i], t) for t, i in zip(rs.texts, rs.txt2img, strict=True)]
+
+
 def pretrain_examples(world_dir: Path, split: str, sources: Sequence[str]) -> list[Example]:
     """One example per caption of the split's retrieval file, with every region of its image.
 
@@ -115,13 +125,7 @@ def pretrain_examples(world_dir: Path, split: str, sources: Sequence[str]) -> li
     region number) triples, region numbers unique over the split. An image without any region
     phrase gets the whole image, described by the caption itself.
     """
-    from vlpipe.tasks.retrieval import RetrievalSplit, train_examples
-
-    if split == "train":
-        captions = [(ex.img_ids[0], ex.sent) for ex in train_examples(world_dir / "retrieval" / "train.json")]
-    else:
-        rs = RetrievalSplit.read(world_dir / "retrieval" / f"{split}.json")
-        captions = [(rs.images[i], t) for t, i in zip(rs.texts, rs.txt2img, strict=True)]
+    captions = split_captions(world_dir, split)
     regions: dict[str, list[Region]] = {}
     readers = {"scenes": scene_regions, "refcoco": refcoco_regions}
     for source in sources:
@@ -410,11 +414,14 @@ def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]
     tok = load_tokenizer(root / TOKENIZER)
     pre = load_for_finetuning(p, root)
     encoder = XvlmEncoder(pre, task.num_images)
+    visual = PixelInputs(root / WORLD, pre.vision.image_size)
+    domain: dict[str, Any] | None = None
+    if p.text_assignment is not None:
+        domain = text_assignment(key, p, encoder, tok, visual, root)
     if p.task == "refcoco":
         model = XvlmGrounder(encoder, pre.bbox_head)  # X-VLM fine-tunes the pre-trained box head
     else:
         model = TaskModel(encoder, task.build_head(encoder.hidden_size), task.num_images)
-    visual = PixelInputs(root / WORLD, pre.vision.image_size)
     collate = make_pixel_collate(task, tok, visual, encoder.max_text_length)
     train_ex, val_ex = task.examples("train"), task.examples("val")
     if p.swap_sides:
@@ -430,14 +437,53 @@ def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]
 
     result = fit(
         model, loss_fn, ExampleDataset(train_ex), collate, p.train, root / RUNS / f"finetune-{key}",
-        eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=json.dumps({"key": key, "init": p.init, "start_from": p.start_from, "swap_sides": p.swap_sides}),
+        eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=json.dumps({"key": key, "init": p.init, "start_from": p.start_from, "swap_sides": p.swap_sides,
+        **({"text_assignment": p.text_assignment.model_dump()} if p.text_assignment is not None else {})}),
     )  # fmt: skip
     save_task_model(result.model, p, root / FINETUNED / key)
     metrics = {"val": result.eval_metrics, "train": result.losses, "steps": result.step, "init": p.init,
                "samples_per_second": result.samples_per_second, "train_seconds": result.train_seconds}  # fmt: skip
+    if domain is not None:
+        metrics["text_assignment"] = domain
     write_metrics(root / f"metrics/finetune/{key}.json", metrics)
     _clear_checkpoints(root, f"finetune-{key}")
+    _clear_checkpoints(root, f"finetune-{key}-ta")
     return metrics
+
+
+def text_assignment(
+    key: str, p: XvlmFinetuneParams, encoder: Any, tok: Any, visual: PixelInputs, root: Path
+) -> dict[str, Any]:
+    """NLVR2 domain pre-training (ALBEF / X-VLM text assignment, :mod:`vlpipe.tasks.text_assignment`)
+    of the two-image ``encoder`` in place, for ``p.text_assignment`` settings, on the world's
+    retrieval captions; returns its val accuracy and last losses. Its checkpoints live in
+    ``runs/finetune-<key>-ta`` (resumed like any run) and its curve in that run's ``live``."""
+    from vlpipe.tasks.base import TaskModel, predict_all
+    from vlpipe.tasks.text_assignment import TextAssignment, text_assignment_examples
+    from vlpipe.train.loop import fit, seed_everything
+
+    assert p.text_assignment is not None
+    ta = TextAssignment()
+    train_ex = text_assignment_examples(split_captions(root / WORLD, "train"), p.text_assignment.seed)
+    val_ex = text_assignment_examples(split_captions(root / WORLD, "val"), p.text_assignment.seed)
+    seed_everything(p.text_assignment.seed)
+    model = TaskModel(encoder, ta.build_head(encoder.hidden_size), ta.num_images)
+    collate = make_pixel_collate(ta, tok, visual, encoder.max_text_length)
+
+    def loss_fn(m: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return ta.loss(m(batch["inputs"]), batch["targets"])
+
+    def eval_fn(m: torch.nn.Module, step: int) -> dict[str, float]:
+        return ta.metric(predict_all(m, ta, val_ex, collate, p.eval_batch_size), val_ex)
+
+    run_dir = root / RUNS / f"finetune-{key}-ta"
+    result = fit(
+        model, loss_fn, ExampleDataset(train_ex), collate, p.text_assignment, run_dir, eval_fn=eval_fn,
+        live_dir=run_dir / "live", fingerprint=json.dumps({"key": key, "init": p.init, "start_from": p.start_from,
+                                                           "text_assignment": p.text_assignment.model_dump()}),
+    )  # fmt: skip
+    return {"val": result.eval_metrics, "train": result.losses, "steps": result.step,
+            "train_seconds": result.train_seconds}  # fmt: skip
 
 
 def _flat(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:

@@ -110,6 +110,8 @@ def make_collate(
     Each example contributes ``task.num_images`` rows: its sentence with each of its images.
     ``mark_sides``: the token type of a row's sentence is the index of its image (NLVR2: 0
     left, 1 right), so the encoder knows which image "the left image" of the sentence is.
+    An example with ``info["mirror"]`` (:func:`vlpipe.tasks.mirror.mirror_examples`) has its
+    boxes reflected across those axes.
     """
 
     def collate(batch: list[Example]) -> dict[str, Any]:
@@ -117,6 +119,14 @@ def make_collate(
         img_ids = [i for ex in batch for i in ex.img_ids]
         text = tokenizer(sents, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
         vis = visual(img_ids)
+        pos = vis["visual_pos"]  # (B * n, N, 4)
+        if any(ex.info.get("mirror") for ex in batch):
+            from vlpipe.tasks.mirror import mirror_positions
+
+            pos = pos.clone()
+            for row, axes in enumerate(ex.info.get("mirror") for ex in batch for _ in ex.img_ids):
+                if axes:  # a mirrored training copy (params ``mirror``)
+                    pos[row] = mirror_positions(pos[row], axes)
         token_types = text["token_type_ids"]  # (B * n, L), zeros
         if mark_sides:
             side = torch.arange(len(sents)) % task.num_images  # rows are (example, image) pairs
@@ -126,7 +136,7 @@ def make_collate(
             "attention_mask": text["attention_mask"],
             "token_type_ids": token_types,
             "visual_feats": vis["visual_feats"],  # (B * n, N, D)
-            "visual_pos": vis["visual_pos"],  # (B * n, N, 4)
+            "visual_pos": pos,
         }
         out: dict[str, Any] = {"inputs": inputs, "examples": batch}
         if with_targets:
