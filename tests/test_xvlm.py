@@ -481,3 +481,24 @@ def test_finetuning_can_start_from_another_finetunings_encoder(tmp_path: Path) -
         got = load_for_finetuning(p, tmp_path).state_dict()
         assert all(torch.equal(got[k], v) for k, v in want.items())
         assert any(k.startswith("bbox_head.") for k in got) == (task == "refcoco")
+
+
+def test_freeze_vision_trains_text_and_fusion_but_never_the_image_encoder(tmp_path: Path) -> None:
+    from vlpipe.config import TrainParams, XvlmFinetuneParams
+    from vlpipe.models.xvlm import write_xvlm_files
+    from vlpipe.stages.xvlm import load_for_finetuning
+    from vlpipe.train.optim import build_optimizer
+
+    (tmp_path / "models/pretrained/xvlm").mkdir(parents=True)
+    write_xvlm_files(tiny_model(seed=2), tmp_path / "models/pretrained/xvlm")
+    for freeze in (True, False):
+        model = load_for_finetuning(XvlmFinetuneParams(task="vqa", freeze_vision=freeze), tmp_path)
+        enc = XvlmEncoder(model)
+        before = {k: v.clone() for k, v in enc.state_dict().items()}
+        opt = build_optimizer(enc, TrainParams(lr=1e-2))
+        b = batch()
+        enc(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"]).pow(2).sum().backward()
+        opt.step()
+        moved = {k for k, v in enc.state_dict().items() if not torch.equal(v, before[k])}
+        assert any(k.startswith("bert.") for k in moved)
+        assert any(k.startswith("vision.") for k in moved) != freeze, sorted(moved)[:5]

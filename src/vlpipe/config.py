@@ -896,6 +896,12 @@ class XvlmFinetuneParams(Strict):
     eval_batch_size: int = Field(128, ge=1)
     k_test: int = Field(16, ge=1, description="retrieval: candidates per query re-scored by ITM")
     swap_sides: bool = Field(False, description=SWAP_SIDES_DOC)
+    freeze_vision: bool = Field(
+        False,
+        description="keep the image encoder (stem + ViT) as start_from has it and train only the text, fusion "
+        "and head: the pixels then reach the task through fixed features, as LXMERT's detector features do. "
+        "X-VLM's recipe fine-tunes everything",
+    )
     text_assignment: TrainParams | None = Field(
         None,
         description="NLVR2 only: first train the two-image model to tell whether a caption is about the first "
@@ -1044,7 +1050,12 @@ def _default_finetune() -> dict[str, FinetuneEntry]:
         "xvlm-refcoco": XvlmFinetuneParams(
             task="refcoco", train=TrainParams(lr=5e-4, batch_size=64, epochs=10)
         ),
-        "xvlm-vqa": XvlmFinetuneParams(task="vqa"),
+        # VQA with the image encoder frozen (a fixed feature extractor, as LXMERT's detector):
+        # 2 epochs 0.676 at lr 1e-3 against 0.581 fine-tuning everything at lr 2e-4 (at lr 6e-4,
+        # 0.481); 8 epochs 0.781 against 0.674, in half the time per step (README).
+        "xvlm-vqa": XvlmFinetuneParams(
+            task="vqa", freeze_vision=True, train=TrainParams(lr=1e-3, batch_size=64, epochs=8, eval_every=281)
+        ),
         # NLVR2 after 1 epoch of text assignment (``text_assignment``, val 0.62 of 3 ways) stayed
         # at chance (0.504) like without it (0.507): not in the default (README).
         "xvlm-nlvr2": XvlmFinetuneParams(task="nlvr2"),

@@ -311,6 +311,10 @@ def load_for_finetuning(p: XvlmFinetuneParams, root: Path) -> Any:
             fresh = ("itm_head.", "bbox_head.", "vision_proj.", "text_proj.", "temp")
         load_state_dict_into(model, state, source, allow_missing=fresh,
                              allow_unexpected=("mlm_head.", "bbox_head.", "itm_head."))  # fmt: skip
+    if p.freeze_vision:
+        # A fixed feature extractor, as LXMERT's detector is (its ViT has no dropout and its
+        # stem GroupNorm no running statistics, so train mode computes the same features).
+        model.vision.requires_grad_(False)
     return model
 
 
@@ -391,7 +395,7 @@ def finetune_retrieval(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str,
 
     result = fit(
         model, loss_fn, ExampleDataset(train_ex), collate, p.train, root / RUNS / f"finetune-{key}",
-        eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=json.dumps({"key": key, "init": p.init, "start_from": p.start_from, "swap_sides": p.swap_sides}),
+        eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=json.dumps({"key": key, "init": p.init, "start_from": p.start_from, "swap_sides": p.swap_sides, "freeze_vision": p.freeze_vision}),
     )  # fmt: skip
     with atomic_dir(root / FINETUNED / key) as tmp:
         write_xvlm_files(result.model, tmp)
@@ -437,7 +441,7 @@ def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]
 
     result = fit(
         model, loss_fn, ExampleDataset(train_ex), collate, p.train, root / RUNS / f"finetune-{key}",
-        eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=json.dumps({"key": key, "init": p.init, "start_from": p.start_from, "swap_sides": p.swap_sides,
+        eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=json.dumps({"key": key, "init": p.init, "start_from": p.start_from, "swap_sides": p.swap_sides, "freeze_vision": p.freeze_vision,
         **({"text_assignment": p.text_assignment.model_dump()} if p.text_assignment is not None else {})}),
     )  # fmt: skip
     save_task_model(result.model, p, root / FINETUNED / key)
