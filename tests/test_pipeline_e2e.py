@@ -87,6 +87,9 @@ def test_xvlm_nlvr2_runs_its_text_assignment_domain_pretraining_first(built_copy
     assert ta["steps"] == 2 and set(ta["val"]) >= {"accuracy", "accuracy_first", "accuracy_second", "accuracy_neither"}
     assert 0.0 <= ta["val"]["accuracy"] <= 1.0 and ta["train"]["ta_ce"] > 0
     assert not (built_copy / "runs/finetune-xvlm-nlvr2-ta/checkpoints").exists()  # cleared with the stage's own
+    assert "train_seconds" not in ta  # wall time only in reports/timing: metrics stay byte-stable
+    timing = json.loads((built_copy / "reports/timing/finetune/xvlm-nlvr2.json").read_text())
+    assert timing["text_assignment_seconds"] > 0
 
 
 def test_second_repro_runs_nothing(built_copy: Path) -> None:

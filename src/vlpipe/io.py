@@ -119,7 +119,7 @@ def read_json(path: str | Path) -> Any:
 # Wall-clock figures differ between two runs of the same stage, so they never go into a DVC
 # metrics file (two `dvc repro --force` runs must give byte-identical metrics). They go to
 # reports/timing/<same relative path>, which benchmarks/pipeline.py and the report read.
-TIMING_KEYS = frozenset({"samples_per_second", "train_seconds", "seconds"})
+TIMING_KEYS = frozenset({"samples_per_second", "train_seconds", "seconds", "text_assignment_seconds"})
 
 
 def timing_path(metrics_path: str | Path) -> Path:
