@@ -223,6 +223,14 @@ def test_save_load_round_trip_and_the_finetuning_encoder(tmp_path: Path):
     torch.testing.assert_close(same, model(**batch).pooled_output)
     scratch = load_pretrained_encoder(tmp_path / "x", pretrained=False)
     assert not torch.equal(scratch.lxmert.pooler.dense.weight, encoder.lxmert.pooler.dense.weight)
+    # the from-scratch encoder reads features through the same standardisation: its fresh
+    # first layer (bias 0) maps the centroids' mean to 0 and a unit step of z = (x - mean) / std
+    # to a column of a weight drawn at the initializer's scale, not to std times it
+    fc = scratch.lxmert.encoder.visn_fc.visn_fc
+    mean, std = centroid_stats(model.centroids)
+    torch.testing.assert_close(fc(mean), torch.zeros(16), atol=1e-5, rtol=0)
+    fresh = fc.weight * std  # (H, D): the layer in the standardised space
+    assert abs(fresh.std().item() - model.config.initializer_range) < 0.005
 
 
 def test_loading_a_non_xlxmert_directory_is_a_clear_error(tmp_path: Path):
