@@ -240,6 +240,31 @@ def test_no_weight_decay_on_bias_and_layernorm():
     assert isinstance(build_optimizer(model, TrainParams()), torch.optim.AdamW)
 
 
+def test_lr_scales_give_a_prefix_its_own_rate_through_the_schedule():
+    model = toy_model()  # 0: Linear, 1: LayerNorm, 4: Linear
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, 0.01, lr=1e-3, lr_scales={"4.": 0.1})
+    by_name = {names[id(p)]: (g.get("lr"), g["weight_decay"]) for g in groups for p in g["params"]}
+    assert by_name["4.weight"] == (pytest.approx(1e-4), 0.01)
+    assert by_name["4.bias"] == (pytest.approx(1e-4), 0.0)
+    assert by_name["0.weight"] == (None, 0.01) and by_name["1.weight"] == (None, 0.0)  # the base rate
+    # The warmup/decay schedule scales both rates alike
+    opt = build_optimizer(model, TrainParams(lr=1e-3), {"4.": 0.1})
+    sched = build_scheduler(opt, total_steps=10, warmup_steps=2)
+    rates = {}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            rates[names[id(p)]] = g["lr"]
+    assert rates["0.weight"] == pytest.approx(0.5e-3) and rates["4.weight"] == pytest.approx(0.5e-4)
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
+    # A frozen prefix drops out; a prefix that names nothing is an error, not a silent no-op
+    model[4].requires_grad_(False)
+    assert all("lr" not in g for g in param_groups(model, 0.01, lr=1e-3, lr_scales={"4.": 0.1}))
+    with pytest.raises(ValueError, match="vision"):
+        param_groups(model, 0.01, lr=1e-3, lr_scales={"vision.": 0.1})
+
+
 def test_live_dir_torn_by_a_kill_is_repaired_before_resuming(tmp_path):
     from dvclive import Live
 

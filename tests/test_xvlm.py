@@ -502,3 +502,24 @@ def test_freeze_vision_trains_text_and_fusion_but_never_the_image_encoder(tmp_pa
         moved = {k for k, v in enc.state_dict().items() if not torch.equal(v, before[k])}
         assert any(k.startswith("bert.") for k in moved)
         assert any(k.startswith("vision.") for k in moved) != freeze, sorted(moved)[:5]
+
+
+def test_vision_lr_scale_puts_exactly_the_image_encoder_at_its_own_rate() -> None:
+    from vlpipe.config import TrainParams, XvlmFinetuneParams
+    from vlpipe.stages.xvlm import vision_lr_scales
+    from vlpipe.tasks.base import TaskModel
+    from vlpipe.train.optim import build_optimizer
+
+    model = TaskModel(XvlmEncoder(tiny_model(seed=3)), torch.nn.Linear(16, 3), 1)
+    p = XvlmFinetuneParams(task="vqa", vision_lr_scale=0.1)
+    opt = build_optimizer(model, TrainParams(lr=1e-3), vision_lr_scales(p, "encoder.vision."))
+    rate = {id(q): g["lr"] for g in opt.param_groups for q in g["params"]}
+    for name, q in model.named_parameters():
+        want = 1e-4 if name.startswith("encoder.vision.") else 1e-3
+        assert rate[id(q)] == pytest.approx(want), name
+    assert sum(n.startswith("encoder.vision.") for n, _ in model.named_parameters()) > 10
+    # Frozen or at the base rate: no extra groups
+    assert vision_lr_scales(XvlmFinetuneParams(task="vqa", vision_lr_scale=0.1, freeze_vision=True), "x") is None
+    assert vision_lr_scales(XvlmFinetuneParams(task="vqa"), "x") is None
+    with pytest.raises(ValueError):
+        XvlmFinetuneParams(task="vqa", vision_lr_scale=0.0)

@@ -902,6 +902,14 @@ class XvlmFinetuneParams(Strict):
         "and head: the pixels then reach the task through fixed features, as LXMERT's detector features do. "
         "X-VLM's recipe fine-tunes everything",
     )
+    vision_lr_scale: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="learning rate of the image encoder (stem + ViT) as a fraction of train.lr when it is "
+        "fine-tuned (freeze_vision false): a pre-trained part at a lower rate than the fresh head, as "
+        "layer-wise rates do. 1: one rate for everything (X-VLM's recipe)",
+    )
     text_assignment: TrainParams | None = Field(
         None,
         description="NLVR2 only: first train the two-image model to tell whether a caption is about the first "

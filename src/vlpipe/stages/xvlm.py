@@ -318,6 +318,14 @@ def load_for_finetuning(p: XvlmFinetuneParams, root: Path) -> Any:
     return model
 
 
+def vision_lr_scales(p: XvlmFinetuneParams, prefix: str) -> dict[str, float] | None:
+    """``fit``'s ``lr_scales`` for the image encoder (parameter names under ``prefix``), or None
+    when it trains at the base rate or is frozen."""
+    if p.freeze_vision or p.vision_lr_scale == 1.0:
+        return None
+    return {prefix: p.vision_lr_scale}
+
+
 def make_pixel_collate(
     task: Any, tokenizer: Any, visual: Callable[[Sequence[str]], dict[str, torch.Tensor]], max_length: int,
     with_targets: bool = True,
@@ -396,6 +404,7 @@ def finetune_retrieval(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str,
     result = fit(
         model, loss_fn, ExampleDataset(train_ex), collate, p.train, root / RUNS / f"finetune-{key}",
         eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=json.dumps({"key": key, "init": p.init, "start_from": p.start_from, "swap_sides": p.swap_sides, "freeze_vision": p.freeze_vision}),
+        lr_scales=vision_lr_scales(p, "vision."),
     )  # fmt: skip
     with atomic_dir(root / FINETUNED / key) as tmp:
         write_xvlm_files(result.model, tmp)
@@ -443,6 +452,7 @@ def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]
         model, loss_fn, ExampleDataset(train_ex), collate, p.train, root / RUNS / f"finetune-{key}",
         eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=json.dumps({"key": key, "init": p.init, "start_from": p.start_from, "swap_sides": p.swap_sides, "freeze_vision": p.freeze_vision,
         **({"text_assignment": p.text_assignment.model_dump()} if p.text_assignment is not None else {})}),
+        lr_scales=vision_lr_scales(p, "encoder.vision."),
     )  # fmt: skip
     save_task_model(result.model, p, root / FINETUNED / key)
     metrics = {"val": result.eval_metrics, "train": result.losses, "steps": result.step, "init": p.init,

@@ -31,7 +31,7 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,14 +316,17 @@ class _Run:
         self.accelerator.wait_for_everyone()
 
 
-def _start(model: nn.Module, num_samples: int, params: TrainParams, run_dir: Path, fingerprint: str) -> _Run:
+def _start(
+    model: nn.Module, num_samples: int, params: TrainParams, run_dir: Path, fingerprint: str,
+    lr_scales: Mapping[str, float] | None = None,
+) -> _Run:
     """Seed, build optimizer and schedule, prepare for the processes, resume if possible."""
     accelerator = make_accelerator(params)
     rank = accelerator.process_index
     plan = DataPlan(num_samples, params.batch_size, accelerator.num_processes, params.grad_accum, params.seed, params.shuffle)
     total = params.max_steps or params.epochs * plan.steps_per_epoch
     seed_everything(params.seed + rank)
-    optimizer = build_optimizer(model, params)
+    optimizer = build_optimizer(model, params, lr_scales)
     scheduler = build_scheduler(optimizer, total, num_warmup_steps(params, total))
     wrapped, prepared_optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(wrapped)
@@ -357,6 +360,7 @@ def fit(
     live_dir: str | Path | None = None,
     fingerprint: str = "",
     on_step_end: StepHook | None = None,
+    lr_scales: Mapping[str, float] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; resume from ``run_dir/checkpoints`` when a matching one exists.
 
@@ -369,13 +373,17 @@ def fit(
     - ``fingerprint``: the caller's description of model and data (e.g. model params JSON):
       a checkpoint of other settings is never resumed;
     - ``on_step_end(step, values)``: called after each optimizer step (after its checkpoint)
-      with this process's losses, lr and grad_norm of that step, e.g. to stop a run (raise).
+      with this process's losses, lr and grad_norm of that step, e.g. to stop a run (raise);
+    - ``lr_scales``: parameter-name prefix -> factor of ``params.lr`` for those parameters
+      (:func:`vlpipe.train.optim.param_groups`); part of the checkpoint fingerprint.
 
     Writes ``run_dir/checkpoints/step_*``, the DVCLive dir and
     ``run_dir/tensorboard`` (rank 0 only). Losses are logged as ``train/<name>``.
     """
     run_dir = Path(run_dir)
-    run = _start(model, len(train_dataset), params, run_dir, fingerprint)
+    if lr_scales:
+        fingerprint = f"{fingerprint} lr_scales={sorted(lr_scales.items())}"
+    run = _start(model, len(train_dataset), params, run_dir, fingerprint, lr_scales)
     acc, plan, total, step = run.accelerator, run.plan, run.total_steps, run.start_step
     result = TrainResult(model=run.raw_model, step=step, total_steps=total, resumed_from=run.resumed_from)
     live_dir = Path(live_dir) if live_dir is not None else run_dir / "live"

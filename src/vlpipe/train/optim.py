@@ -11,7 +11,7 @@ Weight decay never applies to biases or LayerNorm parameters (BERT's convention)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 
 import torch
@@ -22,26 +22,43 @@ from torch.optim.lr_scheduler import LambdaLR
 from vlpipe.config import TrainParams
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed weights, and biases + LayerNorm parameters without decay.
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float | None = None, lr_scales: Mapping[str, float] | None = None
+) -> list[dict]:
+    """Decayed weights, and biases + LayerNorm parameters without decay; frozen ones left out.
 
-    Shared (tied) parameters appear once, under the first name ``named_parameters`` gives.
+    ``lr_scales`` maps a parameter-name prefix (e.g. ``"encoder.vision."``) to a factor of the
+    base ``lr``: those parameters get their own two groups at ``lr * factor`` (a lower rate
+    for a pre-trained part, as fine-tuning recipes with layer-wise rates use). The schedule
+    multiplies every group's rate by the same factor. Shared (tied) parameters appear once,
+    under the first name ``named_parameters`` gives.
     """
+    scales = dict(lr_scales or {})
+    if scales and lr is None:
+        raise ValueError("lr_scales needs the base lr")
     no_decay_ids = {
         id(p) for module in model.modules() if isinstance(module, nn.LayerNorm) for p in module.parameters()
     }
-    decay, no_decay = [], []
+    # (scale, decayed?) -> parameters; scale None = the base rate
+    buckets: dict[tuple[float | None, bool], list[nn.Parameter]] = {(None, True): [], (None, False): []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.endswith("bias") or id(p) in no_decay_ids:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        scale = next((f for prefix, f in scales.items() if name.startswith(prefix)), None)
+        decayed = not (name.endswith("bias") or id(p) in no_decay_ids)
+        buckets.setdefault((scale, decayed), []).append(p)
+    for prefix in scales:
+        if not any(name.startswith(prefix) for name, _ in model.named_parameters()):
+            raise ValueError(f"lr_scales: no parameter name starts with {prefix!r}")
+    groups = []
+    for (scale, decayed), ps in buckets.items():
+        if scale is not None and not ps:
+            continue
+        group: dict = {"params": ps, "weight_decay": weight_decay if decayed else 0.0}
+        if scale is not None:
+            group["lr"] = lr * scale
+        groups.append(group)
+    return groups
 
 
 class BertAdam(Optimizer):
@@ -98,9 +115,9 @@ class BertAdam(Optimizer):
         p.add_(update, alpha=-group["lr"])
 
 
-def build_optimizer(model: nn.Module, params: TrainParams) -> Optimizer:
+def build_optimizer(model: nn.Module, params: TrainParams, lr_scales: Mapping[str, float] | None = None) -> Optimizer:
     """AdamW or BertAdam over :func:`param_groups`, as ``params.optimizer`` says."""
-    groups = param_groups(model, params.weight_decay)
+    groups = param_groups(model, params.weight_decay, params.lr, lr_scales)
     betas = (params.beta1, params.beta2)
     if params.optimizer == "bertadam":
         return BertAdam(groups, lr=params.lr, betas=betas, eps=params.eps)
