@@ -72,10 +72,11 @@ def test_nlvr2_starts_from_the_vqa_finetuning_and_dvc_tracks_it(built_copy: Path
     """``finetune.lxmert-nlvr2.start_from: models/finetuned/lxmert-vqa`` puts the VQA fine-tuning
     upstream: the NLVR2 stage's lock entry records the exact VQA model it started from."""
     lock = yaml.safe_load((built_copy / "dvc.lock").read_text())["stages"]
-    (vqa_out,) = [o for o in lock["finetune@lxmert-vqa"]["outs"] if o["path"] == "models/finetuned/lxmert-vqa"]
-    deps = {d["path"]: d for d in lock["finetune@lxmert-nlvr2"]["deps"]}
-    assert deps["models/finetuned/lxmert-vqa"]["md5"] == vqa_out["md5"]
-    assert "models/pretrained/lxmert" not in deps
+    for model in ("lxmert", "xlxmert", "xvlm"):  # all three NLVR2 recipes start from their VQA model
+        (vqa_out,) = [o for o in lock[f"finetune@{model}-vqa"]["outs"] if o["path"] == f"models/finetuned/{model}-vqa"]
+        deps = {d["path"]: d for d in lock[f"finetune@{model}-nlvr2"]["deps"]}
+        assert deps[f"models/finetuned/{model}-vqa"]["md5"] == vqa_out["md5"], model
+        assert f"models/pretrained/{model}" not in deps, model
     assert lock["finetune@lxmert-nlvr2"]["params"]["params.yaml"]["finetune.lxmert-nlvr2"]["swap_sides"] is True
 
 
