@@ -530,9 +530,12 @@ class PaintParams(Strict):
     confident cells.
     """
 
-    steps: int = Field(8, ge=1, le=64, description="mask-predict steps T (X-LXMERT: 4 to 10)")
+    # T = 2 with sampling at t = 0.75 paints the most caption objects on the default world
+    # (README: greedy T = 8 misses a third more of them; more steps commit the confident
+    # background cells first and leave the objects out).
+    steps: int = Field(2, ge=1, le=64, description="mask-predict steps T (X-LXMERT: 4 to 10)")
     temperature: float = Field(
-        0.0, ge=0, description="0: take the most likely code of a cell; > 0: sample from softmax(logits / t)"
+        0.75, ge=0, description="0: take the most likely code of a cell; > 0: sample from softmax(logits / t)"
     )
     top_k: int | None = Field(
         None, ge=1, description="with temperature > 0: sample among the k likeliest codes"
