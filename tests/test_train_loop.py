@@ -256,6 +256,7 @@ def test_lr_scales_give_a_prefix_its_own_rate_through_the_schedule():
         for p in g["params"]:
             rates[names[id(p)]] = g["lr"]
     assert rates["0.weight"] == pytest.approx(0.5e-3) and rates["4.weight"] == pytest.approx(0.5e-4)
+    opt.step()  # no gradients yet: changes nothing, keeps the optimizer-then-scheduler order
     sched.step()
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
     # A frozen prefix drops out; a prefix that names nothing is an error, not a silent no-op
