@@ -62,10 +62,15 @@ def test_xvlm_stem_starts_from_the_detector_backbone(built_copy: Path) -> None:
     backbone = load_file(built_copy / "models/detector/model.safetensors")
     pairs = [(k, f"backbone.{k.removeprefix('vision.stem.')}") for k in stem if k.startswith("vision.stem.")]
     assert pairs and all(b in backbone for _, b in pairs)
-    for k, b in pairs:  # a few pre-training steps move the copied weights only a little
-        if stem[k].is_floating_point() and stem[k].numel() > 1:
-            drift = (stem[k] - backbone[b]).norm() / backbone[b].norm().clamp_min(1e-8)
-            assert drift < 0.2, (k, float(drift))
+    # A few pre-training steps move the copied conv kernels only a little (a fresh init would be
+    # off by about sqrt(2) of their norm). Norm biases and scales are left out: their detector
+    # values are near the fresh init (0 / 1), so copying cannot be told from initialising, and
+    # the biases' tiny norms (about 0.01) make any relative drift large.
+    kernels = [(k, b) for k, b in pairs if stem[k].is_floating_point() and stem[k].dim() > 1]
+    assert kernels
+    for k, b in kernels:
+        drift = (stem[k] - backbone[b]).norm() / backbone[b].norm().clamp_min(1e-8)
+        assert drift < 0.2, (k, float(drift))
 
 
 def test_nlvr2_starts_from_the_vqa_finetuning_and_dvc_tracks_it(built_copy: Path) -> None:
