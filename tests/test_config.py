@@ -233,6 +233,9 @@ def test_mark_sides_is_for_nlvr2_only():
     assert Params.model_validate({"finetune": {"lxmert-nlvr2": {"model": "lxmert", "task": "nlvr2", "mark_sides": True}}})
     with pytest.raises(ValidationError, match="mark_sides is for NLVR2 only"):
         Params.model_validate({"finetune": {"lxmert-gqa": {"model": "lxmert", "task": "gqa", "mark_sides": True}}})
+    assert Params.model_validate({"finetune": {"xvlm-nlvr2": {"model": "xvlm", "task": "nlvr2", "mark_sides": True}}})
+    with pytest.raises(ValidationError, match="mark_sides is for NLVR2 only"):
+        Params.model_validate({"finetune": {"xvlm-vqa": {"model": "xvlm", "task": "vqa", "mark_sides": True}}})
 
 
 def test_mirror_is_for_vqa_and_gqa_only():

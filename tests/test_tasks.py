@@ -158,6 +158,18 @@ def test_mark_sides_gives_each_nlvr2_row_the_index_of_its_image(tiny_world: Path
     assert marked["token_type_ids"].tolist() == [[k % 2] * plain["input_ids"].shape[1] for k in range(6)]
     assert torch.equal(marked["input_ids"], plain["input_ids"])
 
+    # X-VLM's pixel collate marks its rows the same way (and only when asked).
+    from vlpipe.stages.xvlm import make_pixel_collate
+
+    def pixels(ids):
+        return {"pixel_values": torch.zeros(len(ids), 3, 8, 8)}
+
+    plain_px = make_pixel_collate(task, tok, pixels, max_length=24)(examples)["inputs"]
+    marked_px = make_pixel_collate(task, tok, pixels, max_length=24, mark_sides=True)(examples)["inputs"]
+    assert not plain_px["token_type_ids"].any()
+    assert torch.equal(marked_px["token_type_ids"], marked["token_type_ids"])
+    assert marked_px["pixel_values"].shape == (6, 3, 8, 8)
+
 
 def test_mirror_swaps_spatial_words_in_question_and_answers_and_tags_the_copy() -> None:
     from vlpipe.tasks.base import Example

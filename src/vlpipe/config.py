@@ -651,6 +651,14 @@ SWAP_SIDES_DOC = (
     "in the sentence, same label); with half the epochs it is the same number of steps"
 )
 
+MARK_SIDES_DOC = (
+    "NLVR2 only: the sentence's token type is the index of the image it is read with (0 left, 1 right), "
+    "so a clause about 'the left image' is checked against the left one; LXMERT's recipe has no such "
+    "marker (its encoder reads the sentence the same way with both images). X-VLM: the index of the row's "
+    "own image (each row reads both images, its own first)"
+)
+
+
 
 def _check_swap_sides(task: str, swap_sides: bool) -> None:
     if swap_sides and task != "nlvr2":
@@ -904,6 +912,7 @@ class XvlmFinetuneParams(Strict):
     eval_batch_size: int = Field(128, ge=1)
     k_test: int = Field(16, ge=1, description="retrieval: candidates per query re-scored by ITM")
     swap_sides: bool = Field(False, description=SWAP_SIDES_DOC)
+    mark_sides: bool = Field(False, description=MARK_SIDES_DOC)
     freeze_vision: bool = Field(
         False,
         description="keep the image encoder (stem + ViT) as start_from has it and train only the text, fusion "
@@ -929,6 +938,8 @@ class XvlmFinetuneParams(Strict):
     @model_validator(mode="after")
     def _swap(self) -> XvlmFinetuneParams:
         _check_swap_sides(self.task, self.swap_sides)
+        if self.mark_sides and self.task != "nlvr2":
+            raise ValueError(f"mark_sides is for NLVR2 only, not {self.task!r}")
         if self.text_assignment is not None and self.task != "nlvr2":
             raise ValueError(f"text_assignment is NLVR2's domain pre-training, not for {self.task!r}")
         return self
@@ -1004,12 +1015,7 @@ class FinetuneParams(Strict):
     train: TrainParams = Field(default_factory=lambda: TrainParams(lr=1e-3, batch_size=64, epochs=4))
     eval_batch_size: int = Field(256, ge=1)
     swap_sides: bool = Field(False, description=SWAP_SIDES_DOC)
-    mark_sides: bool = Field(
-        False,
-        description="NLVR2 only: the sentence's token type is the index of the image it is read with "
-        "(0 left, 1 right), so a clause about 'the left image' is checked against the left one; LXMERT's "
-        "recipe has no such marker (its encoder reads the sentence the same way with both images)",
-    )
+    mark_sides: bool = Field(False, description=MARK_SIDES_DOC)
     mirror: Literal["none", "horizontal", "vertical", "both"] = Field(
         "none",
         description="VQA / GQA only: train also on mirrored layouts, every box reflected (horizontal: x -> 1 - x; "

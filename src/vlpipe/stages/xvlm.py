@@ -328,19 +328,24 @@ def vision_lr_scales(p: XvlmFinetuneParams, prefix: str) -> dict[str, float] | N
 
 def make_pixel_collate(
     task: Any, tokenizer: Any, visual: Callable[[Sequence[str]], dict[str, torch.Tensor]], max_length: int,
-    with_targets: bool = True,
+    with_targets: bool = True, mark_sides: bool = False,
 ) -> Callable[[list[Example]], dict[str, Any]]:  # fmt: skip
     """Like :func:`vlpipe.tasks.base.make_collate` with pixels as the visual input: each example
     gives ``task.num_images`` rows (its sentence with each of its images), texts padded to the
-    longest in the batch."""
+    longest in the batch. ``mark_sides``: each row's token type is the index of its own image
+    (NLVR2: row 0 reads the left image as its own, row 1 the right one)."""
 
     def collate(batch: list[Example]) -> dict[str, Any]:
         sents = [ex.sent for ex in batch for _ in ex.img_ids]
         text = tokenizer(sents, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+        types = text["token_type_ids"]  # (B * n, L), zeros
+        if mark_sides:  # as make_collate's: rows are (example, image) pairs, row k reads image k % n
+            side = torch.arange(len(sents)) % task.num_images  # (B * n,)
+            types = side[:, None].expand_as(types).contiguous()
         inputs = {
             "input_ids": text["input_ids"],  # (B * n, L)
             "attention_mask": text["attention_mask"],
-            "token_type_ids": text["token_type_ids"],
+            "token_type_ids": types,
             **visual([i for ex in batch for i in ex.img_ids]),  # pixel_values (B * n, 3, S, S)
         }
         out: dict[str, Any] = {"inputs": inputs, "examples": batch}
@@ -435,7 +440,7 @@ def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]
         model = XvlmGrounder(encoder, pre.bbox_head)  # X-VLM fine-tunes the pre-trained box head
     else:
         model = TaskModel(encoder, task.build_head(encoder.hidden_size), task.num_images)
-    collate = make_pixel_collate(task, tok, visual, encoder.max_text_length)
+    collate = make_pixel_collate(task, tok, visual, encoder.max_text_length, mark_sides=p.mark_sides)
     train_ex, val_ex = task.examples("train"), task.examples("val")
     if p.swap_sides:
         from vlpipe.tasks.nlvr2 import swap_sides
@@ -451,6 +456,7 @@ def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]
     result = fit(
         model, loss_fn, ExampleDataset(train_ex), collate, p.train, root / RUNS / f"finetune-{key}",
         eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=json.dumps({"key": key, "init": p.init, "start_from": p.start_from, "swap_sides": p.swap_sides, "freeze_vision": p.freeze_vision,
+        **({"mark_sides": True} if p.mark_sides else {}),
         **({"text_assignment": p.text_assignment.model_dump()} if p.text_assignment is not None else {})}),
         lr_scales=vision_lr_scales(p, "encoder.vision."),
     )  # fmt: skip
@@ -562,7 +568,7 @@ def submit(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]:
     model = load_task_model(root / FINETUNED / key, task)
     visual = PixelInputs(root / WORLD, model.encoder.vision.image_size)
     collate = make_pixel_collate(task, load_tokenizer(root / TOKENIZER), visual, model.encoder.max_text_length,
-                                 with_targets=False)  # fmt: skip
+                                 with_targets=False, mark_sides=p.mark_sides)  # fmt: skip
     preds = predict_all(model, task, task.examples("test"), collate, p.eval_batch_size)
     with atomic_dir(root / LEADERBOARD / key) as tmp:
         task.write_submission(preds, tmp)
