@@ -238,6 +238,17 @@ def test_mark_sides_is_for_nlvr2_only():
         Params.model_validate({"finetune": {"xvlm-vqa": {"model": "xvlm", "task": "vqa", "mark_sides": True}}})
 
 
+def test_pair_fusion_is_xvlm_nlvr2s_only():
+    ok = Params.model_validate({"finetune": {"xvlm-nlvr2": {"model": "xvlm", "task": "nlvr2", "pair_fusion": "twin"}}})
+    assert ok.finetune["xvlm-nlvr2"].pair_fusion == "twin"
+    with pytest.raises(ValidationError, match="pair_fusion is for NLVR2 only"):
+        Params.model_validate({"finetune": {"xvlm-vqa": {"model": "xvlm", "task": "vqa", "pair_fusion": "twin"}}})
+    with pytest.raises(ValidationError, match="pair_fusion"):
+        Params.model_validate({"finetune": {"xvlm-nlvr2": {"model": "xvlm", "task": "nlvr2", "pair_fusion": "sum"}}})
+    with pytest.raises(ValidationError, match="pair_fusion"):  # LXMERT reads one image per row
+        Params.model_validate({"finetune": {"lxmert-nlvr2": {"model": "lxmert", "task": "nlvr2", "pair_fusion": "twin"}}})
+
+
 def test_mirror_is_for_vqa_and_gqa_only():
     p = Params.model_validate({"finetune": {"lxmert-gqa": {"model": "lxmert", "task": "gqa", "mirror": "both"}}})
     assert p.finetune["lxmert-gqa"].mirror == "both"

@@ -44,8 +44,10 @@ def _set(repo: Path, path: str, value: object) -> None:
 
 def test_killed_stage_resumes_and_ends_like_an_uninterrupted_run(built_pipeline: Path, tmp_path: Path) -> None:
     repo = _clone(built_pipeline, tmp_path / "repo")
-    _set(repo, "finetune.lxmert-vqa.train.max_steps", 150)
-    _set(repo, "finetune.lxmert-vqa.train.checkpoint_every", 10)
+    # Killed right after its first checkpoint (step 5): 35 steps are left to resume, enough to
+    # be sure it was cut mid-run, and few enough that the three runs stay cheap.
+    _set(repo, "finetune.lxmert-vqa.train.max_steps", 40)
+    _set(repo, "finetune.lxmert-vqa.train.checkpoint_every", 5)
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
     checkpoints = repo / "runs/finetune-lxmert-vqa/checkpoints"
     proc = subprocess.Popen([DVC, "repro", "finetune@lxmert-vqa"], cwd=repo, env=env, start_new_session=True,

@@ -329,10 +329,18 @@ def test_encoder_gives_the_fused_cls() -> None:
     assert torch.allclose(pooled, model.fused_cls(image, text))
 
 
-def test_nlvr2_rows_attend_to_both_images_of_their_pair() -> None:
-    enc = XvlmEncoder(tiny_model(), num_images=2).eval()
+def pair_model(pair_fusion: str, seed: int = 0) -> Xvlm:
+    model = tiny_model(seed)
+    model.config.pair_fusion = pair_fusion
+    return model
+
+
+@pytest.mark.parametrize("pair_fusion", ["concat", "twin"])
+def test_nlvr2_rows_attend_to_both_images_of_their_pair(pair_fusion: str) -> None:
+    enc = XvlmEncoder(pair_model(pair_fusion), num_images=2).eval()
     with torch.no_grad():
-        enc.image_slot.normal_()
+        if pair_fusion == "concat":
+            enc.image_slot.normal_()
     b = batch()
     inputs = {"input_ids": b["input_ids"][:4], "attention_mask": b["attention_mask"][:4]}
     pixels = b["pixel_values"][:4]  # pairs (0, 1) and (2, 3)
@@ -343,6 +351,75 @@ def test_nlvr2_rows_attend_to_both_images_of_their_pair() -> None:
         other = enc(**inputs, pixel_values=changed)
     assert not torch.allclose(base[0], other[0])  # row 0 (sentence + image 0) sees image 1 too
     assert torch.equal(base[2:], other[2:])  # the other pair is untouched
+
+
+def test_twin_fusion_starts_as_the_trained_cross_attention_and_keeps_the_two_reads_apart() -> None:
+    """ALBEF's NLVR2 fusion: both branches are copies of the trained cross-attention and the
+    merge starts as their mean, so a pair of two identical images reads exactly as one image
+    did; its branches are separate parameters, and own / other enter different branches."""
+    single = XvlmEncoder(tiny_model(seed=4)).eval()
+    twin = XvlmEncoder(pair_model("twin", seed=4), num_images=2).eval()
+    assert not hasattr(twin, "image_slot")
+    block = twin.bert.encoder.layer[-1].crossattention
+    assert block.self0.query.weight is not block.self1.query.weight
+    b = batch()
+    ids, mask = b["input_ids"][:4], b["attention_mask"][:4]
+    pixels = b["pixel_values"][:4]
+    same = pixels[[0, 0, 2, 2]]  # each pair shows one image twice
+    with torch.no_grad():
+        want = single(input_ids=ids, attention_mask=mask, pixel_values=same)
+        got = twin(input_ids=ids, attention_mask=mask, pixel_values=same)
+        assert torch.allclose(got, want, atol=1e-5)
+        # Once the branches differ, which image is "own" matters: the two rows of a pair
+        # (own, other) = (0, 1) and (1, 0) read the same sentence differently
+        block.self1.value.weight.add_(torch.randn_like(block.self1.value.weight))
+        rows = twin(input_ids=ids[[0, 0]], attention_mask=mask[[0, 0]], pixel_values=pixels[:2])
+    assert not torch.allclose(rows[0], rows[1])
+    assert {k for k in twin.state_dict() if "crossattention" in k} >= {
+        "bert.encoder.layer.1.crossattention.self0.query.weight",
+        "bert.encoder.layer.1.crossattention.self1.key.weight",
+        "bert.encoder.layer.1.crossattention.output.dense0.weight",
+        "bert.encoder.layer.1.crossattention.output.merge_layer.weight",
+        "bert.encoder.layer.1.crossattention.output.LayerNorm.weight",
+    }
+
+
+def test_twin_nlvr2_model_starts_from_vqa_and_saves_and_loads(tmp_path: Path) -> None:
+    """``pair_fusion: twin`` from the VQA model: both branches hold the VQA cross-attention; the
+    saved task model records the choice in its config and loads back to the same outputs."""
+    from vlpipe.config import XvlmFinetuneParams
+    from vlpipe.stages.xvlm import load_for_finetuning, load_task_model, save_task_model
+    from vlpipe.tasks.base import TaskModel
+
+    vqa = TaskModel(XvlmEncoder(tiny_model(seed=5)), torch.nn.Linear(16, 3), 1)
+    save_task_model(vqa, XvlmFinetuneParams(task="vqa"), tmp_path / "models/finetuned/xvlm-vqa")
+    p = XvlmFinetuneParams(task="nlvr2", start_from="models/finetuned/xvlm-vqa", pair_fusion="twin")
+    enc = XvlmEncoder(load_for_finetuning(p, tmp_path), num_images=2)
+    source = vqa.encoder.bert.encoder.layer[1].crossattention
+    for branch in ("self0", "self1"):
+        got = getattr(enc.bert.encoder.layer[1].crossattention, branch)
+        assert torch.equal(got.value.weight, source.self.value.weight)
+
+    class Pairs:  # the NLVR2 task's shape, for save / load
+        name, num_images = "nlvr2", 2
+
+        def build_head(self, hidden: int) -> torch.nn.Module:
+            return torch.nn.Linear(2 * hidden, 2)
+
+    model = TaskModel(enc, Pairs().build_head(16), 2).eval()
+    save_task_model(model, p, tmp_path / "nlvr2")
+    assert json.loads((tmp_path / "nlvr2/config.json").read_text())["pair_fusion"] == "twin"
+    loaded = load_task_model(tmp_path / "nlvr2", Pairs())
+    b = batch()
+    inputs = {"input_ids": b["input_ids"][:4], "attention_mask": b["attention_mask"][:4],
+              "pixel_values": b["pixel_values"][:4]}  # fmt: skip
+    with torch.no_grad():
+        assert torch.equal(model(inputs), loaded(inputs))
+
+
+def test_an_unknown_pair_fusion_is_an_error() -> None:
+    with pytest.raises(ValueError, match="pair_fusion"):
+        XvlmEncoder(pair_model("sum"), num_images=2)
 
 
 # ------------------------------------------------------------- backbones and weights

@@ -913,6 +913,13 @@ class XvlmFinetuneParams(Strict):
     k_test: int = Field(16, ge=1, description="retrieval: candidates per query re-scored by ITM")
     swap_sides: bool = Field(False, description=SWAP_SIDES_DOC)
     mark_sides: bool = Field(False, description=MARK_SIDES_DOC)
+    pair_fusion: Literal["concat", "twin"] = Field(
+        "concat",
+        description="NLVR2 only: how the sentence reads its two images. concat: one cross-attention over both "
+        "images' tokens, each tagged by a learned slot embedding; twin: ALBEF / X-VLM's NLVR2 fusion, two copies "
+        "of each fusion layer's cross-attention read the images separately and a merge layer mixes the two reads "
+        "(vlpipe.models.xvlm.TwinCrossAttention)",
+    )
     freeze_vision: bool = Field(
         False,
         description="keep the image encoder (stem + ViT) as start_from has it and train only the text, fusion "
@@ -940,6 +947,8 @@ class XvlmFinetuneParams(Strict):
         _check_swap_sides(self.task, self.swap_sides)
         if self.mark_sides and self.task != "nlvr2":
             raise ValueError(f"mark_sides is for NLVR2 only, not {self.task!r}")
+        if self.pair_fusion != "concat" and self.task != "nlvr2":
+            raise ValueError(f"pair_fusion is for NLVR2 only, not {self.task!r}")
         if self.text_assignment is not None and self.task != "nlvr2":
             raise ValueError(f"text_assignment is NLVR2's domain pre-training, not for {self.task!r}")
         return self

@@ -25,6 +25,7 @@ X-VLM's, so a local BERT checkpoint initialises the text and fusion layers (laye
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,7 +61,9 @@ class XvlmConfig(PretrainedConfig):
     """Everything needed to rebuild an :class:`Xvlm` (saved as config.json next to the weights).
 
     ``vision_config`` is the backbone's own transformers config as a dict (ViT, CLIP vision or
-    Swin, per ``vision_type``).
+    Swin, per ``vision_type``). A two-image (NLVR2) task model's config also carries
+    ``pair_fusion`` (``concat`` when absent): how :class:`XvlmEncoder` lets the sentence read
+    the two images.
     """
 
     model_type = "vlpipe-xvlm"
@@ -386,6 +389,48 @@ class AttentionBlock(nn.Module):
         self, hidden: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor, rows: torch.Tensor | None = None
     ) -> torch.Tensor:
         return self.output(self.self(hidden, context, context_mask, rows), hidden)
+
+
+class TwinCrossAttention(nn.Module):
+    """ALBEF / X-VLM's NLVR2 cross-attention (Li et al. 2021, "Align before Fuse", §4.3): two
+    copies of a fusion layer's cross-attention read the two images *separately* (``self0`` the
+    first half of the context's tokens, ``self1`` the second), each with its own output
+    projection (``output.dense0`` / ``dense1``), and ``output.merge_layer`` mixes the two reads
+    from their concatenation; then dropout, residual and LayerNorm as in BERT. (ALBEF's names;
+    its fusion layers all merge.)
+
+    With one softmax over both images' tokens, attention to an object in either image blends
+    into one read; here every text token keeps a read of each image, so the layers above can
+    combine the two truths ("exactly one image", "A or B", "more ... than"). Built from a
+    trained :class:`AttentionBlock`: both branches start as copies of it (as ALBEF loads its
+    pre-trained cross-attention into both) and ``merge_layer`` as the mean of the two reads
+    (ALBEF draws it at random)."""
+
+    def __init__(self, block: AttentionBlock):
+        super().__init__()
+        self.self0, self.self1 = copy.deepcopy(block.self), copy.deepcopy(block.self)
+        hidden = block.output.dense.out_features
+        self.output = nn.Module()
+        self.output.dense0 = copy.deepcopy(block.output.dense)
+        self.output.dense1 = copy.deepcopy(block.output.dense)
+        self.output.merge_layer = nn.Linear(2 * hidden, hidden)
+        self.output.LayerNorm = copy.deepcopy(block.output.LayerNorm)
+        self.output.dropout = copy.deepcopy(block.output.dropout)
+        with torch.no_grad():
+            half = torch.eye(hidden) / 2
+            self.output.merge_layer.weight.copy_(torch.cat([half, half], dim=1))  # (H, 2H): the mean
+            self.output.merge_layer.bias.zero_()
+
+    def forward(
+        self, hidden: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # hidden (B, L, H); context (U, 2T, Dv) = [image 0 ; image 1] tokens, context_mask (U, 2T)
+        t = context.shape[1] // 2
+        out = self.output
+        read0 = out.dense0(self.self0(hidden, context[:, :t], context_mask[:, :t], rows))  # (B, L, H)
+        read1 = out.dense1(self.self1(hidden, context[:, t:], context_mask[:, t:], rows))  # (B, L, H)
+        mixed = out.merge_layer(torch.cat([read0, read1], dim=-1))  # (B, L, 2H) -> (B, L, H)
+        return out.LayerNorm(out.dropout(mixed) + hidden)
 
 
 class XvlmLayer(nn.Module):
@@ -893,9 +938,15 @@ class XvlmEncoder(nn.Module):
 
     Visual input is ``pixel_values`` (B, 3, S, S). With ``num_images`` = 2 (NLVR2) the rows
     come in pairs (an example's sentence with its image 0, then with its image 1) and the
-    sentence attends to *both* images in every row: row k sees its own image's tokens first,
-    then the other image's, each tagged by a learned slot embedding, so the two pooled
+    sentence attends to *both* images in every row, its own image first, so the two pooled
     vectors the task head concatenates are the sentence read against (own, other) image.
+    How, is ``model.config.pair_fusion``:
+
+    - ``concat``: one cross-attention over the two images' tokens, each image tagged by a
+      learned slot embedding (``image_slot``);
+    - ``twin``: ALBEF / X-VLM's NLVR2 fusion, each fusion layer's cross-attention replaced (in
+      ``model`` itself) by a :class:`TwinCrossAttention` that reads own and other image
+      separately and merges the two reads.
     """
 
     def __init__(self, model: Xvlm, num_images: int = 1):
@@ -906,8 +957,14 @@ class XvlmEncoder(nn.Module):
         self.bert = model.bert
         self.config = model.config
         self.num_images = num_images
-        if num_images == 2:
+        self.pair_fusion = str(getattr(model.config, "pair_fusion", "concat")) if num_images == 2 else None
+        if self.pair_fusion == "concat":
             self.image_slot = nn.Parameter(torch.zeros(2, model.vision.width))
+        elif self.pair_fusion == "twin":
+            for layer in self.bert.encoder.layer[self.bert.num_text_layers :]:
+                layer.crossattention = TwinCrossAttention(layer.crossattention)
+        elif self.pair_fusion is not None:
+            raise ValueError(f"pair_fusion must be 'concat' or 'twin', got {self.pair_fusion!r}")
 
     @property
     def hidden_size(self) -> int:
@@ -919,10 +976,12 @@ class XvlmEncoder(nn.Module):
 
     def _pair_visual(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # (2B, T, Dv) rows (b, k) -> (2B, 2T, Dv): [own image + slot 0 ; other image + slot 1]
+        # (twin: no slots; its two branches read the halves separately)
         rows, t, d = tokens.shape
         pairs = tokens.view(rows // 2, 2, t, d)
-        own = pairs + self.image_slot[0]
-        other = pairs.flip(1) + self.image_slot[1]
+        own, other = pairs, pairs.flip(1)
+        if self.pair_fusion == "concat":
+            own, other = own + self.image_slot[0], other + self.image_slot[1]
         visual = torch.cat([own, other], dim=2).view(rows, 2 * t, d)
         return visual, torch.ones(visual.shape[:2], dtype=torch.bool, device=visual.device)
 

@@ -298,6 +298,8 @@ def load_for_finetuning(p: XvlmFinetuneParams, root: Path) -> Any:
     source = root / p.start_from if p.init in ("pretrained", "scratch") else Path(p.init)
     config = load_xvlm_config(source)
     config.tasks = FINETUNE_TASKS[p.task]
+    if p.pair_fusion != "concat":  # read by XvlmEncoder, kept in the task model's config.json
+        config.pair_fusion = p.pair_fusion
     seed_everything(p.train.seed)
     model = Xvlm(config)
     if p.init != "scratch":
@@ -457,6 +459,7 @@ def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]
         model, loss_fn, ExampleDataset(train_ex), collate, p.train, root / RUNS / f"finetune-{key}",
         eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=json.dumps({"key": key, "init": p.init, "start_from": p.start_from, "swap_sides": p.swap_sides, "freeze_vision": p.freeze_vision,
         **({"mark_sides": True} if p.mark_sides else {}),
+        **({"pair_fusion": p.pair_fusion} if p.pair_fusion != "concat" else {}),
         **({"text_assignment": p.text_assignment.model_dump()} if p.text_assignment is not None else {})}),
         lr_scales=vision_lr_scales(p, "encoder.vision."),
     )  # fmt: skip
