@@ -140,3 +140,23 @@ def test_paint_command_paints_one_sentence(built_copy: Path) -> None:
 
     img = cv2.imread(str(out))
     assert img is not None and img.shape[0] >= 64 and img.shape[1] >= 64
+
+
+def test_probe_nlvr2_reads_the_vqa_models_of_each_family(built_copy: Path, tmp_path: Path) -> None:
+    import json
+
+    pairs = json.loads((built_copy / "data/world/nlvr2/val.json").read_text())
+    for key in ("lxmert-vqa", "xlxmert-vqa", "xvlm-vqa"):
+        out = tmp_path / f"{key}.json"
+        r = _run([str(BIN / "vlpipe"), "probe-nlvr2", f"models/finetuned/{key}", "--out", str(out)], built_copy)
+        assert "decomposed accuracy" in r.stdout
+        result = json.loads(out.read_text())
+        assert result["n_pairs"] == len(pairs) and result["split"] == "val"
+        assert 0.0 <= result["decomposed_accuracy"] <= 1.0
+        assert {"exists", "count"} <= set(result["perception"])
+    # Not a VQA model: one clear line naming the file, exit 2, nothing written.
+    out = tmp_path / "nlvr2.json"
+    r = _run([str(BIN / "vlpipe"), "probe-nlvr2", "models/finetuned/xvlm-nlvr2", "--out", str(out)], built_copy,
+             check=False)  # fmt: skip
+    assert r.returncode == 2 and "task.json" in r.stderr and "not a VQA model" in r.stderr
+    assert not out.exists()

@@ -182,6 +182,24 @@ def report(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -
     typer.echo(f"wrote {root / stage.REPORT_MD}")
 
 
+@app.command("probe-nlvr2")
+def probe_nlvr2(
+    model_dir: Annotated[Path, typer.Argument(help="a fine-tuned VQA model, e.g. models/finetuned/xvlm-vqa")],
+    split: Annotated[str, typer.Option(help="NLVR2 split with labels: train or val")] = "val",
+    out: Annotated[Path | None, typer.Option(help="write the result here (JSON)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    root: RootOpt = Path("."),
+) -> None:
+    """How much of NLVR2 a VQA model's per-image answers decide (not a stage; vlpipe.analysis.nlvr2_probe)."""
+    from vlpipe.analysis.nlvr2_probe import run_probe_nlvr2
+
+    result = run_probe_nlvr2(model_dir, split, out, params, root)
+    typer.echo(f"{model_dir} on NLVR2 {split}: decomposed accuracy {result['decomposed_accuracy']:.3f} "
+               f"(exists {result['perception']['exists']:.3f}, exact count {result['perception']['count']:.3f})")
+    for name, acc in result["decomposed_by_template"].items():
+        typer.echo(f"  {name:12s} {acc:.3f}")
+
+
 @import_app.command("lxmert")
 def import_lxmert_cmd(
     checkpoint: Annotated[
