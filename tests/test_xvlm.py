@@ -600,3 +600,56 @@ def test_vision_lr_scale_puts_exactly_the_image_encoder_at_its_own_rate() -> Non
     assert vision_lr_scales(XvlmFinetuneParams(task="vqa"), "x") is None
     with pytest.raises(ValueError):
         XvlmFinetuneParams(task="vqa", vision_lr_scale=0.0)
+
+
+def test_answer_features_head_reads_the_vqa_models_answers_and_saves_and_loads(tmp_path: Path, tiny_world: Path) -> None:
+    """``answer_features``: the NLVR2 classifier reads each row's answers from the VQA model's
+    own head (copied with its weights), and the task model loads back to the same outputs."""
+    from pydantic import ValidationError
+
+    from vlpipe.config import XvlmFinetuneParams
+    from vlpipe.models.xvlm import AnswerFeatureHead
+    from vlpipe.stages.xvlm import (
+        answer_feature_head,
+        load_for_finetuning,
+        load_task_model,
+        make_task,
+        save_task_model,
+    )
+    from vlpipe.tasks.base import TaskModel
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/world").symlink_to(tiny_world)
+    vqa_task = make_task("vqa", tmp_path / "data/world")
+    hidden = tiny_params().hidden_size
+    vqa = TaskModel(XvlmEncoder(tiny_model(seed=6)), vqa_task.build_head(hidden), 1).eval()
+    save_task_model(vqa, XvlmFinetuneParams(task="vqa"), tmp_path / "models/finetuned/xvlm-vqa")
+    p = XvlmFinetuneParams(task="nlvr2", start_from="models/finetuned/xvlm-vqa", answer_features=True)
+    head = answer_feature_head(p, hidden, tmp_path)
+    assert isinstance(head, AnswerFeatureHead)
+    rows = torch.randn(4, hidden)
+    with torch.no_grad():
+        assert torch.equal(head.answers(rows), vqa.head(rows))  # the VQA model's answers, as trained
+    enc = XvlmEncoder(load_for_finetuning(p, tmp_path), num_images=2)
+    model = TaskModel(enc, head, 2).eval()
+    b = batch()
+    inputs = {"input_ids": b["input_ids"][:4], "attention_mask": b["attention_mask"][:4],
+              "pixel_values": b["pixel_values"][:4]}  # fmt: skip
+    with torch.no_grad():
+        before = model(inputs)  # (2 pairs, 2)
+        assert before.shape == (2, 2)
+        # the classifier depends on the answers: change what the VQA head says, the logits move
+        head.answers.logit_fc[-1].bias.add_(torch.randn(vqa_task.num_answers))
+        assert not torch.allclose(model(inputs), before)
+    nlvr2_task = make_task("nlvr2", tmp_path / "data/world")
+    save_task_model(model, p, tmp_path / "nlvr2")
+    assert json.loads((tmp_path / "nlvr2/task.json").read_text())["answer_features"] == vqa_task.num_answers
+    loaded = load_task_model(tmp_path / "nlvr2", nlvr2_task)
+    with torch.no_grad():
+        assert torch.equal(model(inputs), loaded(inputs))
+    # only from a VQA model, and only for NLVR2
+    bad = XvlmFinetuneParams(task="nlvr2", start_from="nlvr2", answer_features=True)
+    with pytest.raises(InputError, match="task.json"):
+        answer_feature_head(bad, hidden, tmp_path)
+    with pytest.raises(ValidationError, match="answer_features"):
+        XvlmFinetuneParams(task="vqa", answer_features=True)

@@ -1014,6 +1014,32 @@ class XvlmEncoder(nn.Module):
         return self.encode(input_ids, attention_mask, pixel_values, token_type_ids)[0]
 
 
+class AnswerFeatureHead(nn.Module):
+    """NLVR2 classifier that also reads a VQA head's answers to each row.
+
+    ``answers`` is a VQA answer head (H -> A, copied from the VQA model NLVR2 starts from and
+    trained on); the classifier is LXMERT's NLVR2 MLP (:class:`~vlpipe.models.layers.AnswerHead`) over the rows' pooled vectors and their
+    answer logits: ``(B, n * H) -> [pooled ; answers(row) for each row] (B, n * (H + A)) -> (B, 2)``.
+    Why: the VQA model's per-image answers decide most NLVR2 sentences of the world
+    (``vlpipe probe-nlvr2``), but a fresh MLP on the pooled vectors alone has to find them again
+    from 6000 pairs (README).
+    """
+
+    def __init__(self, answers: nn.Module, hidden_size: int, num_answers: int, num_images: int = 2):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.answers = answers
+        from vlpipe.models.layers import AnswerHead
+
+        self.classifier = AnswerHead(num_images * (hidden_size + num_answers), 2, hidden_dim=num_images * hidden_size)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        # (B, n * H) -> (B, 2)
+        rows = pooled.reshape(-1, self.hidden_size)  # (B * n, H)
+        logits = self.answers(rows).reshape(pooled.shape[0], -1)  # (B, n * A)
+        return self.classifier(torch.cat([pooled, logits], dim=-1))
+
+
 class XvlmGrounder(nn.Module):
     """Grounding model (RefCOCO): ``model(inputs) -> boxes (B, 4)`` as normalised (cx, cy, w, h),
     from the fused [CLS] of (image, expression) and the image's patch tokens. Called like a

@@ -441,7 +441,8 @@ def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]
     if p.task == "refcoco":
         model = XvlmGrounder(encoder, pre.bbox_head)  # X-VLM fine-tunes the pre-trained box head
     else:
-        model = TaskModel(encoder, task.build_head(encoder.hidden_size), task.num_images)
+        head = answer_feature_head(p, encoder.hidden_size, root) if p.answer_features else task.build_head(encoder.hidden_size)
+        model = TaskModel(encoder, head, task.num_images)
     collate = make_pixel_collate(task, tok, visual, encoder.max_text_length, mark_sides=p.mark_sides)
     train_ex, val_ex = task.examples("train"), task.examples("val")
     if p.swap_sides:
@@ -460,6 +461,7 @@ def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]
         eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=json.dumps({"key": key, "init": p.init, "start_from": p.start_from, "swap_sides": p.swap_sides, "freeze_vision": p.freeze_vision,
         **({"mark_sides": True} if p.mark_sides else {}),
         **({"pair_fusion": p.pair_fusion} if p.pair_fusion != "concat" else {}),
+        **({"answer_features": True} if p.answer_features else {}),
         **({"text_assignment": p.text_assignment.model_dump()} if p.text_assignment is not None else {})}),
         lr_scales=vision_lr_scales(p, "encoder.vision."),
     )  # fmt: skip
@@ -520,6 +522,24 @@ def _flat(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
+def answer_feature_head(p: XvlmFinetuneParams, hidden_size: int, root: Path) -> Any:
+    """``answer_features``: an NLVR2 :class:`~vlpipe.models.xvlm.AnswerFeatureHead` around the
+    answer head of the VQA task model ``start_from`` (its weights, every key and shape checked)."""
+    from vlpipe.models.convert import load_state_dict_into, read_checkpoint
+    from vlpipe.models.xvlm import AnswerFeatureHead
+
+    source = root / p.start_from
+    info = read_json(source / "task.json")
+    if info.get("model") != MODEL or info.get("task") != "vqa":
+        raise InputError(source / "task.json", f"answer_features needs an X-VLM VQA model to start from, got {info}")
+    vqa = make_task("vqa", root / WORLD)
+    answers = vqa.build_head(hidden_size)
+    state = {k.removeprefix("head."): v for k, v in read_checkpoint(source / "model.safetensors").items()
+             if k.startswith("head.")}  # fmt: skip
+    load_state_dict_into(answers, state, source / "model.safetensors")
+    return AnswerFeatureHead(answers, hidden_size, vqa.num_answers)
+
+
 def save_task_model(model: Any, p: XvlmFinetuneParams, out_dir: Path) -> None:
     """config.json (the X-VLM config) + model.safetensors (encoder.* and head.*) + task.json."""
     from safetensors.torch import save_file
@@ -528,7 +548,10 @@ def save_task_model(model: Any, p: XvlmFinetuneParams, out_dir: Path) -> None:
         (tmp / "config.json").write_text(model.encoder.config.to_json_string(), encoding="utf-8")
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        write_json(tmp / "task.json", {"model": MODEL, "task": p.task, "num_images": model.num_images})
+        info = {"model": MODEL, "task": p.task, "num_images": model.num_images}
+        if p.answer_features:  # the head's shape: load_task_model rebuilds it from this
+            info["answer_features"] = int(model.head.answers.logit_fc[-1].out_features)
+        write_json(tmp / "task.json", info)
 
 
 def load_task_model(model_dir: Path, task: Any) -> Any:
@@ -545,6 +568,13 @@ def load_task_model(model_dir: Path, task: Any) -> Any:
     encoder = XvlmEncoder(Xvlm(config), task.num_images)
     if task.name == "refcoco":
         model = XvlmGrounder(encoder, build_box_head(config, encoder.vision.width, encoder.vision.grid))
+    elif info.get("answer_features"):
+        from vlpipe.models.layers import AnswerHead
+        from vlpipe.models.xvlm import AnswerFeatureHead
+
+        n_answers = int(info["answer_features"])
+        head = AnswerFeatureHead(AnswerHead(encoder.hidden_size, n_answers), encoder.hidden_size, n_answers)
+        model = TaskModel(encoder, head, task.num_images)
     else:
         model = TaskModel(encoder, task.build_head(encoder.hidden_size), task.num_images)
     load_state_dict_into(model, read_checkpoint(model_dir / "model.safetensors"), model_dir)
