@@ -316,3 +316,28 @@ def test_stages_pretrain_finetune_and_submit_on_a_tiny_world(tiny_root: Path) ->
         assert 0.0 <= val[key] <= 1.0 and 0.0 <= test[key] <= 1.0
     assert (tiny_root / "leaderboard/xvlm-retrieval/test_rank.json").is_file()
     assert {"testA", "testB"} <= set(stage.submit("xvlm-refcoco", XvlmFinetuneParams(task="refcoco"), tiny_root)["test"])
+
+
+def test_nlvr2_multitasked_with_vqa_logs_both_losses_and_saves_a_plain_nlvr2_model(tiny_root: Path) -> None:
+    """``vqa_per_pair``: the stage trains NLVR2 with VQA questions beside it, logs both losses,
+    and writes an NLVR2 task model that ``submit`` (and ``load_task_model``) read as any other."""
+    from safetensors.torch import load_file
+
+    from vlpipe.config import TrainParams, XvlmFinetuneParams, XvlmModelParams, XvlmPretrainParams
+    from vlpipe.stages import xvlm as stage
+
+    model = XvlmModelParams(vision_hidden_size=16, vision_layers=1, vision_heads=2, vision_intermediate_size=32,
+                            hidden_size=16, num_attention_heads=2, intermediate_size=32, text_layers=1,
+                            fusion_layers=1, embed_dim=8)  # fmt: skip
+    train = TrainParams(max_steps=2, batch_size=4, log_every=1)
+    if not (tiny_root / "models/pretrained/xvlm").is_dir():
+        stage.pretrain(XvlmPretrainParams(model=model, train=train, val_max_images=4), tiny_root)
+    stage.finetune("xvlm-vqa", XvlmFinetuneParams(task="vqa", train=train), tiny_root)
+    p = XvlmFinetuneParams(task="nlvr2", start_from="models/finetuned/xvlm-vqa", answer_features=True,
+                           vqa_per_pair=2, train=train)  # fmt: skip
+    metrics = stage.finetune("xvlm-nlvr2-mt", p, tiny_root)
+    assert metrics["train"]["vqa_bce"] > 0 and metrics["train"]["nlvr2_ce"] > 0
+    assert metrics["train"]["loss"] == pytest.approx(metrics["train"]["vqa_bce"] + metrics["train"]["nlvr2_ce"], rel=1e-5)
+    saved = load_file(tiny_root / "models/finetuned/xvlm-nlvr2-mt/model.safetensors")
+    assert not any(k.startswith("nlvr2.") for k in saved) and any(k.startswith("head.answers.") for k in saved)
+    assert 0.0 <= stage.submit("xvlm-nlvr2-mt", p, tiny_root)["test"]["accuracy"] <= 1.0

@@ -653,3 +653,134 @@ def test_answer_features_head_reads_the_vqa_models_answers_and_saves_and_loads(t
         answer_feature_head(bad, hidden, tmp_path)
     with pytest.raises(ValidationError, match="answer_features"):
         XvlmFinetuneParams(task="vqa", answer_features=True)
+
+
+def test_single_image_rows_of_a_two_image_encoder_read_only_their_own_image() -> None:
+    """``single_image``: a row of the NLVR2 encoder reads its image as the VQA encoder does."""
+    model = tiny_model(seed=7).eval()
+    pair, one = XvlmEncoder(model, num_images=2), XvlmEncoder(model, num_images=1)
+    torch.nn.init.normal_(pair.image_slot)  # pairing would change the rows
+    b = batch()
+    args = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "pixel_values": b["pixel_values"]}
+    with torch.no_grad():
+        assert torch.equal(pair(**args, single_image=True), one(**args))
+        assert not torch.allclose(pair(**args), one(**args))
+
+
+def test_with_partners_brings_each_item_its_own_fixed_partners_and_covers_them_all() -> None:
+    from vlpipe.data.examples import Example
+    from vlpipe.stages.xvlm import WithPartners
+
+    main = [Example(key=f"p{i}", img_ids=("a", "b"), sent="s", target=1) for i in range(5)]
+    partners = [Example(key=i, img_ids=("a",), sent="q", target={}) for i in range(7)]
+    data = WithPartners(main, partners, per_item=2, seed=0)
+    assert len(data) == 5
+    items = [data[i] for i in range(5)]
+    assert [ex.key for ex, _ in items] == [f"p{i}" for i in range(5)]
+    assert all(len(qs) == 2 for _, qs in items)
+    keys = [q.key for _, qs in items for q in qs]  # 10 draws over 7 partners: every one, 3 twice
+    assert set(keys) == set(range(7)) and len(keys) == 10
+    assert [q.key for q in data[3][1]] == [q.key for q in WithPartners(main, partners, 2, seed=0)[3][1]]
+    assert keys != [q.key for i in range(5) for q in WithPartners(main, partners, 2, seed=1)[i][1]]
+    with pytest.raises(ValueError):
+        WithPartners(main, partners, per_item=0, seed=0)
+    with pytest.raises(ValueError):
+        WithPartners(main, [], per_item=1, seed=0)
+
+
+def test_nlvr2_with_vqa_trains_both_tasks_through_one_encoder_and_the_classifiers_vqa_head() -> None:
+    """``vqa_per_pair``: VQA rows go through the shared encoder (own image only) and the VQA
+    head that the NLVR2 classifier reads; both losses move the shared weights."""
+    from pydantic import ValidationError
+
+    from vlpipe.config import XvlmFinetuneParams
+    from vlpipe.models.layers import AnswerHead
+    from vlpipe.models.xvlm import AnswerFeatureHead, Nlvr2WithVqa
+    from vlpipe.tasks.base import TaskModel
+
+    hidden, answers = tiny_params().hidden_size, 5
+    model = tiny_model(seed=8)
+    nlvr2 = TaskModel(XvlmEncoder(model, 2), AnswerFeatureHead(AnswerHead(hidden, answers), hidden, answers), 2)
+    both = Nlvr2WithVqa(nlvr2).eval()
+    b = batch()
+    pairs = {"input_ids": b["input_ids"][:4], "attention_mask": b["attention_mask"][:4],
+             "pixel_values": b["pixel_values"][:4]}  # fmt: skip
+    questions = {"input_ids": b["input_ids"][4:], "attention_mask": b["attention_mask"][4:],
+                 "pixel_values": b["pixel_values"][4:]}  # fmt: skip
+    with torch.no_grad():
+        pair_logits, vqa_logits = both(pairs, questions)
+        assert torch.equal(pair_logits, nlvr2(pairs))  # (2, 2)
+        assert torch.equal(vqa_logits, nlvr2.head.answers(XvlmEncoder(model, 1)(**questions)))  # (2, 5)
+    assert vqa_logits.shape == (2, answers)
+    # the VQA loss alone trains the shared text / fusion layers and the head the classifier reads
+    both.train()
+    both(pairs, questions)[1].pow(2).sum().backward()
+    grads = {n for n, q in both.named_parameters() if q.grad is not None and q.grad.abs().sum() > 0}
+    assert any(n.startswith("nlvr2.encoder.bert.") for n in grads)
+    assert any(n.startswith("nlvr2.head.answers.") for n in grads)
+    assert not any(n.startswith("nlvr2.head.classifier.") for n in grads)
+    assert set(Nlvr2WithVqa(nlvr2).state_dict()) == {f"nlvr2.{k}" for k in nlvr2.state_dict()}
+    with pytest.raises(ValueError, match="AnswerFeatureHead"):
+        Nlvr2WithVqa(TaskModel(XvlmEncoder(model, 2), torch.nn.Linear(2 * hidden, 2), 2))
+    with pytest.raises(ValidationError, match="answer_features"):
+        XvlmFinetuneParams(task="nlvr2", vqa_per_pair=1)
+    with pytest.raises(ValidationError, match="concat"):
+        XvlmFinetuneParams(task="nlvr2", answer_features=True, vqa_per_pair=1, pair_fusion="twin")
+
+
+def test_token_pair_head_reads_both_rows_word_by_word_and_saves_and_loads(tmp_path: Path, tiny_world: Path) -> None:
+    """``pair_head: tokens``: the NLVR2 classifier reads the rows' fused token states (not only
+    their [CLS]); padding does not reach it; the model saves and loads to the same outputs."""
+    from pydantic import ValidationError
+
+    from vlpipe.config import XvlmFinetuneParams
+    from vlpipe.models.xvlm import TokenPairHead, TokenPairModel
+    from vlpipe.stages.xvlm import (
+        load_for_finetuning,
+        load_task_model,
+        make_task,
+        nlvr2_or_task_model,
+        save_task_model,
+    )
+    from vlpipe.tasks.base import TaskModel
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/world").symlink_to(tiny_world)
+    vqa_task, nlvr2_task = make_task("vqa", tmp_path / "data/world"), make_task("nlvr2", tmp_path / "data/world")
+    hidden = tiny_params().hidden_size
+    vqa = TaskModel(XvlmEncoder(tiny_model(seed=9)), vqa_task.build_head(hidden), 1).eval()
+    save_task_model(vqa, XvlmFinetuneParams(task="vqa"), tmp_path / "models/finetuned/xvlm-vqa")
+    p = XvlmFinetuneParams(task="nlvr2", start_from="models/finetuned/xvlm-vqa", answer_features=True,
+                           pair_head="tokens", pair_head_layers=1)  # fmt: skip
+    enc = XvlmEncoder(load_for_finetuning(p, tmp_path), num_images=2)
+    model = nlvr2_or_task_model(p, nlvr2_task, enc, tmp_path).eval()
+    assert isinstance(model, TokenPairModel) and isinstance(model.head, TokenPairHead)
+    b = batch()
+    mask = b["attention_mask"][:4].clone()
+    mask[:, -3:] = 0  # the last three tokens are padding
+    inputs = {"input_ids": b["input_ids"][:4], "attention_mask": mask, "pixel_values": b["pixel_values"][:4]}
+    states = enc.fused_states(**inputs)  # (4, L, H)
+    with torch.no_grad():
+        assert torch.equal(states[:, 0], enc(**inputs))  # [CLS] is what the cls head reads
+        out = model(inputs)  # (2 pairs, 2)
+        assert out.shape == (2, 2)
+        # a word's state in one row moves the logits; a padded position's state does not
+        moved = states.clone()
+        moved[0, 2] += 1.0
+        assert not torch.allclose(model.head(moved, mask), model.head(states, mask))
+        padded = states.clone()
+        padded[0, -1] += 100.0
+        assert torch.allclose(model.head(padded, mask), model.head(states, mask), atol=1e-5)
+        # the copied VQA head answers as the VQA model's does
+        rows = torch.randn(3, hidden)
+        assert torch.equal(model.head.answers(rows), vqa.head(rows))
+    save_task_model(model, p, tmp_path / "nlvr2")
+    info = json.loads((tmp_path / "nlvr2/task.json").read_text())
+    assert info["pair_head"] == "tokens" and info["pair_head_layers"] == 1
+    loaded = load_task_model(tmp_path / "nlvr2", nlvr2_task)
+    with torch.no_grad():
+        assert torch.equal(model(inputs), loaded(inputs))
+    with pytest.raises(ValidationError, match="pair_head"):
+        XvlmFinetuneParams(task="vqa", pair_head="tokens")
+    with pytest.raises(ValidationError, match="pair_head"):
+        XvlmFinetuneParams(task="nlvr2", pair_head="tokens", pair_fusion="twin")

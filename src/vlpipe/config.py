@@ -929,6 +929,21 @@ class XvlmFinetuneParams(Strict):
         "VQA model's head (copied from start_from, trained on) gives each row, so what the VQA model answers "
         "(yes / no, counts) reaches the classifier directly (vlpipe.models.xvlm.AnswerFeatureHead)",
     )
+    pair_head: Literal["cls", "tokens"] = Field(
+        "cls",
+        description="NLVR2 only: what the classifier reads. cls: the two rows' fused [CLS] (LXMERT's head); "
+        "tokens: also the two rows' fused token states merged word by word and read by pair_head_layers "
+        "self-attention layers (vlpipe.models.xvlm.TokenPairHead)",
+    )
+    pair_head_layers: int = Field(1, ge=0, description="pair_head tokens: self-attention layers over the merged rows")
+    vqa_per_pair: int = Field(
+        0,
+        ge=0,
+        description="NLVR2 with answer_features only: train VQA alongside NLVR2, this many VQA training "
+        "questions (each on its own image, through the same encoder and the answer head the classifier reads) "
+        "with every NLVR2 pair, their loss added to NLVR2's (multi-task fine-tuning, as 12-in-1, Lu et al. "
+        "2020). 0: NLVR2 alone",
+    )
     freeze_vision: bool = Field(
         False,
         description="keep the image encoder (stem + ViT) as start_from has it and train only the text, fusion "
@@ -962,6 +977,14 @@ class XvlmFinetuneParams(Strict):
             raise ValueError(f"text_assignment is NLVR2's domain pre-training, not for {self.task!r}")
         if self.answer_features and self.task != "nlvr2":
             raise ValueError(f"answer_features is for NLVR2 from a VQA model, not {self.task!r}")
+        if self.pair_head != "cls" and self.task != "nlvr2":
+            raise ValueError(f"pair_head is for NLVR2 only, not {self.task!r}")
+        if self.pair_head != "cls" and (self.pair_fusion != "concat" or self.vqa_per_pair):
+            raise ValueError("pair_head tokens goes with pair_fusion concat and without vqa_per_pair")
+        if self.vqa_per_pair and not self.answer_features:
+            raise ValueError("vqa_per_pair trains the VQA head that answer_features reads: it needs answer_features")
+        if self.vqa_per_pair and self.pair_fusion != "concat":
+            raise ValueError("vqa_per_pair needs pair_fusion concat (twin layers cannot read one image)")
         return self
 
 

@@ -991,11 +991,15 @@ class XvlmEncoder(nn.Module):
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
+        single_image: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fused [CLS] (B, H) and the visual tokens the text attended to (B, T, Dv)."""
+        """Fused [CLS] (B, H) and the visual tokens the text attended to (B, T, Dv).
+
+        ``single_image``: every row reads its own image only, as a VQA model does, also in a
+        two-image encoder (NLVR2 multi-tasked with VQA, :class:`Nlvr2WithVqa`)."""
         # (B, L) text, (B, 3, S, S) pixels
         tokens = self.vision(pixel_values)  # (B, 1 + N, Dv)
-        if self.num_images == 2:
+        if self.num_images == 2 and not single_image:
             visual, visual_mask = self._pair_visual(tokens)
         else:
             visual = tokens
@@ -1003,15 +1007,32 @@ class XvlmEncoder(nn.Module):
         text = self.bert.encode_text(input_ids, attention_mask, token_type_ids)
         return self.bert.fuse(text, attention_mask, visual, visual_mask)[:, 0], visual
 
-    def forward(
+    def fused_states(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Every fused text state (B, L, H), [CLS] first (:meth:`encode` keeps only that one)."""
+        tokens = self.vision(pixel_values)  # (B, 1 + N, Dv)
+        if self.num_images == 2:
+            visual, visual_mask = self._pair_visual(tokens)
+        else:
+            visual, visual_mask = tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        text = self.bert.encode_text(input_ids, attention_mask, token_type_ids)
+        return self.bert.fuse(text, attention_mask, visual, visual_mask)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        single_image: bool = False,
+    ) -> torch.Tensor:
         # (B, L) text, (B, 3, S, S) pixels -> (B, H)
-        return self.encode(input_ids, attention_mask, pixel_values, token_type_ids)[0]
+        return self.encode(input_ids, attention_mask, pixel_values, token_type_ids, single_image)[0]
 
 
 class AnswerFeatureHead(nn.Module):
@@ -1038,6 +1059,91 @@ class AnswerFeatureHead(nn.Module):
         rows = pooled.reshape(-1, self.hidden_size)  # (B * n, H)
         logits = self.answers(rows).reshape(pooled.shape[0], -1)  # (B, n * A)
         return self.classifier(torch.cat([pooled, logits], dim=-1))
+
+
+class TokenPairHead(nn.Module):
+    """NLVR2 head that reads the two rows' fused *token* states side by side.
+
+    Both rows of an example hold the same sentence, so token t of row 0 and token t of row 1
+    are the same word read against the two images (own image first): the head merges them,
+    ``[x0_t ; x1_t]`` (2H) -> H, runs ``layers`` self-attention layers over the merged
+    sentence, and classifies its [CLS] together with both rows' own [CLS] (and, with an
+    ``answers`` head, both rows' answer logits, as :class:`AnswerFeatureHead`). Why: a
+    clause such as "contains no red circles" is decided by what its words found in one image,
+    and the rows' [CLS] alone carry that only as far as NLVR2 fine-tuning teaches them to
+    (UNITER's NLVR2 pair heads, Chen et al., 2020, read the two rows' outputs jointly too).
+    """
+
+    def __init__(self, hidden_size: int, heads: int, layers: int = 1, answers: nn.Module | None = None,
+                 num_answers: int = 0, dropout: float = 0.1):  # fmt: skip
+        super().__init__()
+        from vlpipe.models.layers import AnswerHead
+
+        self.hidden_size = hidden_size
+        self.answers = answers
+        self.merge = nn.Sequential(nn.Linear(2 * hidden_size, hidden_size), nn.LayerNorm(hidden_size, eps=1e-12))
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(hidden_size, heads, 4 * hidden_size, dropout, activation="gelu", batch_first=True)
+            for _ in range(layers)
+        )
+        extra = 2 * num_answers if answers is not None else 0
+        self.classifier = AnswerHead(3 * hidden_size + extra, 2, hidden_dim=2 * hidden_size)
+
+    def forward(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # states (2B, L, H): rows (example, image); attention_mask (2B, L)
+        rows, length, h = states.shape
+        pairs = states.view(rows // 2, 2, length, h)
+        x0, x1 = pairs[:, 0], pairs[:, 1]  # (B, L, H) each
+        z = self.merge(torch.cat([x0, x1], dim=-1))  # (B, L, H)
+        pad = attention_mask.view(rows // 2, 2, length)[:, 0] == 0  # (B, L), same sentence in both rows
+        for layer in self.layers:
+            z = layer(z, src_key_padding_mask=pad)
+        feats = [z[:, 0], x0[:, 0], x1[:, 0]]  # (B, H) each
+        if self.answers is not None:
+            feats += [self.answers(x0[:, 0]), self.answers(x1[:, 0])]  # (B, A) each
+        return self.classifier(torch.cat(feats, dim=-1))  # (B, 2)
+
+
+class TokenPairModel(nn.Module):
+    """NLVR2 task model with a :class:`TokenPairHead`: ``model(inputs) -> (B, 2)``, called
+    like a :class:`vlpipe.tasks.base.TaskModel` (same ``encoder`` / ``head`` / ``num_images``)."""
+
+    num_images = 2
+
+    def __init__(self, encoder: XvlmEncoder, head: TokenPairHead):
+        super().__init__()
+        if encoder.num_images != 2:
+            raise ValueError("the token pair head reads two images per sentence")
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.head(self.encoder.fused_states(**inputs), inputs["attention_mask"])
+
+
+class Nlvr2WithVqa(nn.Module):
+    """NLVR2 multi-tasked with VQA (12-in-1, Lu et al., 2020): one encoder, two heads.
+
+    ``nlvr2`` is the NLVR2 task model (its head an :class:`AnswerFeatureHead`); VQA questions
+    go through the same encoder, each reading only its own image (``single_image``), and
+    through the VQA answer head that the NLVR2 classifier reads. Why: NLVR2 alone wears down
+    what the VQA model answered (README, "Where X-VLM's NLVR2 loses"); VQA's questions keep
+    those answers, and the features that give them, trained while NLVR2 learns its sentences.
+    Only ``nlvr2`` is saved: the VQA head lives inside it.
+    """
+
+    def __init__(self, nlvr2: nn.Module):
+        super().__init__()
+        if not isinstance(getattr(nlvr2, "head", None), AnswerFeatureHead):
+            raise ValueError("Nlvr2WithVqa needs an NLVR2 model whose head is an AnswerFeatureHead")
+        self.nlvr2 = nlvr2
+
+    def forward(
+        self, inputs: dict[str, torch.Tensor], vqa_inputs: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # NLVR2 (2B rows) -> (B, 2); VQA (Q rows) -> (Q, A)
+        pooled = self.nlvr2.encoder(**vqa_inputs, single_image=True)  # (Q, H)
+        return self.nlvr2(inputs), self.nlvr2.head.answers(pooled)
 
 
 class XvlmGrounder(nn.Module):

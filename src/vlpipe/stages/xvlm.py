@@ -427,7 +427,7 @@ def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]
     """VQA or NLVR2: an :class:`XvlmEncoder` + the task's head in a ``TaskModel``; grounding:
     an :class:`XvlmGrounder` with the pre-trained box head."""
     from vlpipe.models.xvlm import XvlmEncoder, XvlmGrounder
-    from vlpipe.tasks.base import TaskModel, predict_all
+    from vlpipe.tasks.base import predict_all
     from vlpipe.train.loop import fit
 
     task = make_task(p.task, root / WORLD)
@@ -441,8 +441,7 @@ def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]
     if p.task == "refcoco":
         model = XvlmGrounder(encoder, pre.bbox_head)  # X-VLM fine-tunes the pre-trained box head
     else:
-        head = answer_feature_head(p, encoder.hidden_size, root) if p.answer_features else task.build_head(encoder.hidden_size)
-        model = TaskModel(encoder, head, task.num_images)
+        model = nlvr2_or_task_model(p, task, encoder, root)
     collate = make_pixel_collate(task, tok, visual, encoder.max_text_length, mark_sides=p.mark_sides)
     train_ex, val_ex = task.examples("train"), task.examples("val")
     if p.swap_sides:
@@ -450,22 +449,40 @@ def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]
 
         train_ex += swap_sides(train_ex)
 
+    train_data: Any = ExampleDataset(train_ex)
+    if p.vqa_per_pair:  # NLVR2 multi-tasked with VQA: each pair brings its VQA questions
+        from vlpipe.models.xvlm import Nlvr2WithVqa
+
+        vqa = make_task("vqa", root / WORLD)
+        train_data = WithPartners(train_ex, vqa.examples("train"), p.vqa_per_pair, p.train.seed)
+        collate_train = with_partners_collate(collate, make_pixel_collate(vqa, tok, visual, encoder.max_text_length))
+        model = Nlvr2WithVqa(model)
+    else:
+        collate_train = collate
+
     def loss_fn(m: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return task.loss(m(batch["inputs"]), batch["targets"])
+        if "vqa_inputs" not in batch:
+            return task.loss(m(batch["inputs"]), batch["targets"])
+        logits, vqa_logits = m(batch["inputs"], batch["vqa_inputs"])  # (B, 2), (Q, A)
+        main, aux = task.loss(logits, batch["targets"]), vqa.loss(vqa_logits, batch["vqa_targets"])
+        return {**main, **aux, "loss": main["loss"] + aux["loss"]}
 
     def eval_fn(m: torch.nn.Module, step: int) -> dict[str, float]:
+        m = m.nlvr2 if p.vqa_per_pair else m
         return _flat(task.metric(predict_all(m, task, val_ex, collate, p.eval_batch_size), "val"))
 
     result = fit(
-        model, loss_fn, ExampleDataset(train_ex), collate, p.train, root / RUNS / f"finetune-{key}",
+        model, loss_fn, train_data, collate_train, p.train, root / RUNS / f"finetune-{key}",
         eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=json.dumps({"key": key, "init": p.init, "start_from": p.start_from, "swap_sides": p.swap_sides, "freeze_vision": p.freeze_vision,
         **({"mark_sides": True} if p.mark_sides else {}),
         **({"pair_fusion": p.pair_fusion} if p.pair_fusion != "concat" else {}),
         **({"answer_features": True} if p.answer_features else {}),
+        **({"vqa_per_pair": p.vqa_per_pair} if p.vqa_per_pair else {}),
+        **({"pair_head": p.pair_head, "pair_head_layers": p.pair_head_layers} if p.pair_head != "cls" else {}),
         **({"text_assignment": p.text_assignment.model_dump()} if p.text_assignment is not None else {})}),
-        lr_scales=vision_lr_scales(p, "encoder.vision."),
+        lr_scales=vision_lr_scales(p, "nlvr2.encoder.vision." if p.vqa_per_pair else "encoder.vision."),
     )  # fmt: skip
-    save_task_model(result.model, p, root / FINETUNED / key)
+    save_task_model(result.model.nlvr2 if p.vqa_per_pair else result.model, p, root / FINETUNED / key)
     metrics = {"val": result.eval_metrics, "train": result.losses, "steps": result.step, "init": p.init,
                "samples_per_second": result.samples_per_second, "train_seconds": result.train_seconds}  # fmt: skip
     if domain is not None:  # its wall time goes with the stage's timing, not into the metrics
@@ -475,6 +492,41 @@ def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]
     _clear_checkpoints(root, f"finetune-{key}")
     _clear_checkpoints(root, f"finetune-{key}-ta")
     return metrics
+
+
+class WithPartners(Sequence):
+    """Training items ``(examples[i], partners)`` for multi-task fine-tuning: each item brings
+    ``per_item`` examples of a second task. Partners are consecutive entries of a seeded
+    permutation of ``partners`` (wrapping around), so item ``i`` always brings the same ones
+    (resumable, identical on every process) and the items together cover the second task as
+    evenly as their count allows."""
+
+    def __init__(self, examples: Sequence[Example], partners: Sequence[Example], per_item: int, seed: int):
+        if per_item < 1 or not partners:
+            raise ValueError(f"WithPartners needs per_item >= 1 and partners, got {per_item} and {len(partners)}")
+        self.examples, self.partners, self.per_item = list(examples), list(partners), per_item
+        self.order = torch.randperm(len(partners), generator=torch.Generator().manual_seed(seed)).tolist()
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> tuple[Example, list[Example]]:  # type: ignore[override]
+        n = len(self.order)
+        return self.examples[i], [self.partners[self.order[(i * self.per_item + j) % n]] for j in range(self.per_item)]
+
+
+def with_partners_collate(
+    collate: Callable[[list[Example]], dict[str, Any]], partner_collate: Callable[[list[Example]], dict[str, Any]]
+) -> Callable[[list[tuple[Example, list[Example]]]], dict[str, Any]]:
+    """Collate of :class:`WithPartners` items: the main batch, plus the partners' inputs and
+    targets as ``vqa_inputs`` / ``vqa_targets``."""
+
+    def both(batch: list[tuple[Example, list[Example]]]) -> dict[str, Any]:
+        out = collate([ex for ex, _ in batch])
+        partners = partner_collate([q for _, qs in batch for q in qs])
+        return out | {"vqa_inputs": partners["inputs"], "vqa_targets": partners["targets"]}
+
+    return both
 
 
 def text_assignment(
@@ -522,11 +574,35 @@ def _flat(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
+def nlvr2_or_task_model(p: XvlmFinetuneParams, task: Any, encoder: Any, root: Path) -> Any:
+    """The task model fine-tuning trains: a ``TaskModel`` with the task's head (NLVR2 with
+    ``answer_features``: an :class:`~vlpipe.models.xvlm.AnswerFeatureHead`), or for NLVR2 with
+    ``pair_head: tokens`` a :class:`~vlpipe.models.xvlm.TokenPairModel`."""
+    from vlpipe.models.xvlm import TokenPairHead, TokenPairModel
+    from vlpipe.tasks.base import TaskModel
+
+    hidden = encoder.hidden_size
+    if p.pair_head == "tokens":
+        answers, n = vqa_answer_head(p, hidden, root) if p.answer_features else (None, 0)
+        head = TokenPairHead(hidden, int(encoder.config.num_attention_heads), p.pair_head_layers, answers, n)
+        return TokenPairModel(encoder, head)
+    head = answer_feature_head(p, hidden, root) if p.answer_features else task.build_head(hidden)
+    return TaskModel(encoder, head, task.num_images)
+
+
 def answer_feature_head(p: XvlmFinetuneParams, hidden_size: int, root: Path) -> Any:
     """``answer_features``: an NLVR2 :class:`~vlpipe.models.xvlm.AnswerFeatureHead` around the
     answer head of the VQA task model ``start_from`` (its weights, every key and shape checked)."""
-    from vlpipe.models.convert import load_state_dict_into, read_checkpoint
     from vlpipe.models.xvlm import AnswerFeatureHead
+
+    answers, n = vqa_answer_head(p, hidden_size, root)
+    return AnswerFeatureHead(answers, hidden_size, n)
+
+
+def vqa_answer_head(p: XvlmFinetuneParams, hidden_size: int, root: Path) -> tuple[Any, int]:
+    """The answer head of the VQA task model ``start_from`` (weights copied, every key and shape
+    checked) and its number of answers."""
+    from vlpipe.models.convert import load_state_dict_into, read_checkpoint
 
     source = root / p.start_from
     info = read_json(source / "task.json")
@@ -537,7 +613,7 @@ def answer_feature_head(p: XvlmFinetuneParams, hidden_size: int, root: Path) -> 
     state = {k.removeprefix("head."): v for k, v in read_checkpoint(source / "model.safetensors").items()
              if k.startswith("head.")}  # fmt: skip
     load_state_dict_into(answers, state, source / "model.safetensors")
-    return AnswerFeatureHead(answers, hidden_size, vqa.num_answers)
+    return answers, vqa.num_answers
 
 
 def save_task_model(model: Any, p: XvlmFinetuneParams, out_dir: Path) -> None:
@@ -551,6 +627,8 @@ def save_task_model(model: Any, p: XvlmFinetuneParams, out_dir: Path) -> None:
         info = {"model": MODEL, "task": p.task, "num_images": model.num_images}
         if p.answer_features:  # the head's shape: load_task_model rebuilds it from this
             info["answer_features"] = int(model.head.answers.logit_fc[-1].out_features)
+        if p.pair_head != "cls":
+            info["pair_head"], info["pair_head_layers"] = p.pair_head, p.pair_head_layers
         write_json(tmp / "task.json", info)
 
 
@@ -568,6 +646,15 @@ def load_task_model(model_dir: Path, task: Any) -> Any:
     encoder = XvlmEncoder(Xvlm(config), task.num_images)
     if task.name == "refcoco":
         model = XvlmGrounder(encoder, build_box_head(config, encoder.vision.width, encoder.vision.grid))
+    elif info.get("pair_head") == "tokens":
+        from vlpipe.models.layers import AnswerHead
+        from vlpipe.models.xvlm import TokenPairHead, TokenPairModel
+
+        n_answers = int(info.get("answer_features", 0))
+        answers = AnswerHead(encoder.hidden_size, n_answers) if n_answers else None
+        head = TokenPairHead(encoder.hidden_size, int(config.num_attention_heads), int(info["pair_head_layers"]),
+                             answers, n_answers)  # fmt: skip
+        model = TokenPairModel(encoder, head)
     elif info.get("answer_features"):
         from vlpipe.models.layers import AnswerHead
         from vlpipe.models.xvlm import AnswerFeatureHead
