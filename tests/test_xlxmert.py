@@ -28,7 +28,7 @@ from vlpipe.models.xlxmert import (
     task_inputs,
     uniform_cell_mask,
 )
-from vlpipe.tasks.paint import best_of_candidates, mask_predict, match_scores, remask_count
+from vlpipe.tasks.paint import mask_predict, remask_count
 
 K, D, G, V = 12, 6, 4, 50  # clusters, centroid dim, grid side, vocab
 N = G * G
@@ -305,36 +305,6 @@ def test_greedy_mask_predict_keeps_a_confident_cell():
         model.cluster_head.bias[5] = 50.0  # every cell: id 5 with probability ~1
     ids = mask_predict(model, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], steps=4)
     assert bool((ids == 5).all())
-
-
-@pytest.mark.parametrize("candidates", [1, 4])
-def test_best_of_candidates_keeps_the_best_matching_grid(candidates: int):
-    """Each sentence gets the grid, among ``candidates`` drawn in order from the same seeded
-    generator, that the matching head scores highest; 1 candidate is plain mask-predict."""
-    model = tiny_model()
-    batch = clean_batch()
-    args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    kw = dict(steps=3, temperature=1.0)
-    rng = torch.Generator().manual_seed(7)
-    drawn = [mask_predict(model, *args, generator=rng, **kw) for _ in range(candidates)]  # each (B, N)
-    scores = torch.stack([match_scores(model, *args, ids) for ids in drawn])  # (C, B)
-    assert len({tuple(d.flatten().tolist()) for d in drawn}) == candidates  # the draws differ
-    picked = best_of_candidates(
-        model, *args, candidates=candidates, generator=torch.Generator().manual_seed(7), **kw
-    )
-    best = scores.argmax(0)  # (B,)
-    expected = torch.stack([drawn[int(c)][b] for b, c in enumerate(best)])
-    assert torch.equal(picked, expected)
-    assert bool((match_scores(model, *args, picked) >= scores[0] - 1e-6).all())
-    assert model.training  # mode restored
-    if candidates > 1:
-        assert len(set(best.tolist())) > 1 or B == 1  # the choice is per sentence, not per batch
-
-
-def test_best_of_candidates_rejects_zero():
-    batch = clean_batch()
-    with pytest.raises(ValueError, match="candidates must be >= 1"):
-        best_of_candidates(tiny_model(), batch["input_ids"], batch["attention_mask"], candidates=0)
 
 
 # ------------------------------------------------------------------ stage (tiny world)

@@ -543,10 +543,6 @@ class PaintParams(Strict):
         None, ge=1, description="with temperature > 0: sample among the k likeliest codes"
     )
     seed: int = Field(0, ge=0, description="seeds the sampling (same seed -> same images)")
-    candidates: int = Field(
-        1, ge=1, le=64,
-        description="grids sampled per sentence; the one X-LXMERT's matching head scores highest is painted",
-    )  # fmt: skip
     num_captions: int | None = Field(500, ge=1, description="val captions painted and scored (one per image)")
     batch_size: int = Field(64, ge=1)
     sheet_size: int = Field(16, ge=1, description="val captions shown on the contact sheet")
@@ -665,6 +661,7 @@ MARK_SIDES_DOC = (
 )
 
 
+
 def _check_swap_sides(task: str, swap_sides: bool) -> None:
     if swap_sides and task != "nlvr2":
         raise ValueError(f"swap_sides is for NLVR2 only, not {task!r}")
@@ -678,6 +675,7 @@ def _start_from_field() -> Any:
         "another fine-tuning of the same model, whose encoder (not its head) is loaded: intermediate-task "
         "transfer, e.g. NLVR2 from the VQA-fine-tuned encoder. With init: scratch only its config is read",
     )
+
 
 
 class CaptionParams(Strict):
@@ -829,10 +827,8 @@ class XvlmModelParams(Strict):
             )
         n_stages = len(self.stem_channels)
         if self.vision_type == "hybrid" and self.vision_init is None:
-            resolve_stem_levels(
-                self.stem_levels, n_stages
-            )  # with vision_init the detector's config decides the stages
-        stride = 2**n_stages if self.vision_type == "hybrid" else self.patch_size
+            resolve_stem_levels(self.stem_levels, n_stages)  # with vision_init the detector's config decides the stages
+        stride = 2 ** n_stages if self.vision_type == "hybrid" else self.patch_size
         if self.image_size % stride:
             raise ValueError(
                 f"image_size ({self.image_size}) must be a multiple of the patch side ({stride})"
@@ -941,9 +937,7 @@ class XvlmFinetuneParams(Strict):
         "tokens: also the two rows' fused token states merged word by word and read by pair_head_layers "
         "self-attention layers (vlpipe.models.xvlm.TokenPairHead)",
     )
-    pair_head_layers: int = Field(
-        1, ge=0, description="pair_head tokens: self-attention layers over the merged rows"
-    )
+    pair_head_layers: int = Field(1, ge=0, description="pair_head tokens: self-attention layers over the merged rows")
     vqa_per_pair: int = Field(
         0,
         ge=0,
@@ -990,9 +984,7 @@ class XvlmFinetuneParams(Strict):
         if self.pair_head != "cls" and (self.pair_fusion != "concat" or self.vqa_per_pair):
             raise ValueError("pair_head tokens goes with pair_fusion concat and without vqa_per_pair")
         if self.vqa_per_pair and not self.answer_features:
-            raise ValueError(
-                "vqa_per_pair trains the VQA head that answer_features reads: it needs answer_features"
-            )
+            raise ValueError("vqa_per_pair trains the VQA head that answer_features reads: it needs answer_features")
         if self.vqa_per_pair and self.pair_fusion != "concat":
             raise ValueError("vqa_per_pair needs pair_fusion concat (twin layers cannot read one image)")
         return self
@@ -1109,12 +1101,8 @@ def _default_finetune() -> dict[str, FinetuneEntry]:
         # one has to learn "is there a red star" from 6000 pairs and stays at 0.63. Mirrored pairs
         # (swap_sides) and the side marker (mark_sides) then take it from 0.849 to 0.858 (README).
         "lxmert-nlvr2": FinetuneParams(
-            model="lxmert",
-            task="nlvr2",
-            start_from="models/finetuned/lxmert-vqa",
-            swap_sides=True,
-            mark_sides=True,
-            train=train(15, lr=2e-4, eval_every=300),
+            model="lxmert", task="nlvr2", start_from="models/finetuned/lxmert-vqa", swap_sides=True,
+            mark_sides=True, train=train(15, lr=2e-4, eval_every=300),
         ),
         # X-LXMERT reads 64 grid cells per image (LXMERT: 12 boxes). Its encoder was pre-trained
         # on centroids and meets continuous features here: lr 1e-3 (LXMERT's) gave VQA 0.614 in
@@ -1127,14 +1115,10 @@ def _default_finetune() -> dict[str, FinetuneEntry]:
         "xlxmert-vqa": FinetuneParams(model="xlxmert", task="vqa", train=train(24, lr=3e-4, eval_every=562)),
         "xlxmert-gqa": FinetuneParams(model="xlxmert", task="gqa", train=train(32, lr=5e-4, eval_every=1392)),
         "xlxmert-nlvr2": FinetuneParams(
-            model="xlxmert",
-            task="nlvr2",
-            start_from="models/finetuned/xlxmert-vqa",
-            swap_sides=True,
+            model="xlxmert", task="nlvr2", start_from="models/finetuned/xlxmert-vqa", swap_sides=True,
             # 15 epochs (LXMERT's count): after the 24-epoch pre-training, 0.701 at 6 epochs and still
             # climbing; at 15 see README. After the 12-epoch pre-training 15 gave no more than 6 (0.659).
-            mark_sides=True,
-            train=train(15, lr=2e-4, eval_every=186),
+            mark_sides=True, train=train(15, lr=2e-4, eval_every=186),
         ),
         "vlp-caption": CaptionParams(),
         "vlp-vqa": FinetuneParams(model="vlp", task="vqa", train=train(8)),
@@ -1151,21 +1135,15 @@ def _default_finetune() -> dict[str, FinetuneEntry]:
         # and the NLVR2 model started from it reaches 0.614 against 0.545 (README). 24 epochs
         # instead of 8: the frozen model underfits (16 epochs: 0.881 against 0.811).
         "xvlm-vqa": XvlmFinetuneParams(
-            task="vqa",
-            freeze_vision=True,
-            train=TrainParams(lr=3e-4, batch_size=64, epochs=24, eval_every=281),
+            task="vqa", freeze_vision=True, train=TrainParams(lr=3e-4, batch_size=64, epochs=24, eval_every=281)
         ),
         # NLVR2 from the pre-trained model stayed at chance (0.507), also after 1 epoch of text
         # assignment (``text_assignment``, val 0.62 of 3 ways: 0.504). From the VQA model, as
         # LXMERT's and X-LXMERT's, with mirrored pairs: 0.614 (README). The classifier also reads
         # the VQA head's answers to each row (``answer_features``): 0.656 against 0.629 (README).
         "xvlm-nlvr2": XvlmFinetuneParams(
-            task="nlvr2",
-            start_from="models/finetuned/xvlm-vqa",
-            freeze_vision=True,
-            swap_sides=True,
-            answer_features=True,
-            train=TrainParams(lr=3e-4, batch_size=64, epochs=6, eval_every=187),
+            task="nlvr2", start_from="models/finetuned/xvlm-vqa", freeze_vision=True, swap_sides=True,
+            answer_features=True, train=TrainParams(lr=3e-4, batch_size=64, epochs=6, eval_every=187),
         ),
     }
 
@@ -1259,9 +1237,7 @@ def finetune_chain(finetune: dict[str, Any], key: str) -> list[str]:
                 f"finetune entry>, got {item.start_from!r}"
             )
         if item.model not in TRANSFER_MODELS:
-            raise ValueError(
-                f"{where}: a {item.model} fine-tuning starts from models/pretrained/{item.model}"
-            )
+            raise ValueError(f"{where}: a {item.model} fine-tuning starts from models/pretrained/{item.model}")
         if finetune[source].model != item.model:
             raise ValueError(f"{where}: {source!r} fine-tunes {finetune[source].model!r}, not {item.model!r}")
         if item.init not in ("pretrained", "scratch"):

@@ -41,6 +41,7 @@ PAINT_SHEET = Path("reports/paint.png")
 VAL_SEED = 1234  # masking of the val metrics: fixed, so numbers compare across steps and runs
 
 
+
 def _finish(root: Path, name: str) -> None:
     """Delete a finished run's checkpoints: they only exist to resume a killed stage."""
     shutil.rmtree(root / RUNS / name / "checkpoints", ignore_errors=True)
@@ -392,7 +393,7 @@ def paint_val(p: PaintParams, root: Path) -> dict[str, Any]:
     vocab = detector.vocab
     wanted = [caption_objects(t, vocab.shapes, vocab.colors, vocab.sizes) for t in texts]
 
-    settings = PaintSettings(p.steps, p.temperature, p.top_k, p.seed, p.batch_size, p.candidates)
+    settings = PaintSettings(p.steps, p.temperature, p.top_k, p.seed, p.batch_size)
     ids, painted = paint(model, gen, load_tokenizer(root / TOKENIZER), texts, settings)
     _, codes, grid = _codes(root)
     true_ids = cluster_ids(codes, img_ids)
@@ -426,5 +427,5 @@ def paint_caption(caption: str, out_png: Path, params_path: Path, root: Path) ->
     p: PaintParams = load_section("paint", params_path)
     return paint_text(
         caption, root / PRETRAINED, root / GENERATOR, root / TOKENIZER, out_png,
-        steps=p.steps, temperature=p.temperature, top_k=p.top_k, seed=p.seed, candidates=p.candidates,
+        steps=p.steps, temperature=p.temperature, top_k=p.top_k, seed=p.seed,
     )  # fmt: skip

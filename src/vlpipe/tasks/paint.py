@@ -114,67 +114,15 @@ def mask_predict(
     return ids
 
 
-@torch.no_grad()
-def match_scores(
-    model: Any,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    token_type_ids: torch.Tensor | None,
-    cluster_ids: torch.Tensor,
-) -> torch.Tensor:
-    """(B,) log P(match) that X-LXMERT's pre-trained matching head gives each sentence (B, L)
-    with its grid of cluster ids (B, G*G), every cell visible (eval mode, restored after)."""
-    was_training = model.training
-    model.eval()
-    logits = model(input_ids, attention_mask, cluster_ids, token_type_ids).match_logits  # (B, 2)
-    model.train(was_training)
-    return logits.float().log_softmax(-1)[:, 1]
-
-
-@torch.no_grad()
-def best_of_candidates(
-    model: Any,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    token_type_ids: torch.Tensor | None = None,
-    *,
-    candidates: int = 1,
-    steps: int = 8,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Mask-predict ``candidates`` grids per sentence (drawn one after another from
-    ``generator``) and keep, per sentence, the one the matching head scores highest: the
-    re-ranking DALL-E does with CLIP, here with the model's own image-sentence matching.
-    ``candidates`` 1 is plain :func:`mask_predict` (same draws). Returns (B, G*G) ids."""
-    if candidates < 1:
-        raise ValueError(f"candidates must be >= 1, got {candidates}")
-    kw = dict(steps=steps, temperature=temperature, top_k=top_k, generator=generator)
-    best = mask_predict(model, input_ids, attention_mask, token_type_ids, **kw)  # (B, N)
-    if candidates == 1:
-        return best
-    best_score = match_scores(model, input_ids, attention_mask, token_type_ids, best)  # (B,)
-    for _ in range(candidates - 1):
-        ids = mask_predict(model, input_ids, attention_mask, token_type_ids, **kw)
-        score = match_scores(model, input_ids, attention_mask, token_type_ids, ids)
-        better = score > best_score  # ties keep the earlier candidate
-        best = torch.where(better[:, None], ids, best)
-        best_score = torch.where(better, score, best_score)
-    return best
-
-
 @dataclass(frozen=True)
 class PaintSettings:
-    """How sentences are painted: mask-predict steps, sampling, candidates per sentence
-    (re-ranked by the matching head), batch size, seed."""
+    """How sentences are painted: mask-predict steps, sampling, batch size, seed."""
 
     steps: int = 8
     temperature: float = 0.0
     top_k: int | None = None
     seed: int = 0
     batch_size: int = 64
-    candidates: int = 1
 
 
 @torch.no_grad()
@@ -195,9 +143,9 @@ def paint(
     for start in range(0, len(texts), settings.batch_size):
         chunk = list(texts[start : start + settings.batch_size])
         tok = tokenizer(chunk, padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
-        ids = best_of_candidates(
-            model, tok["input_ids"], tok["attention_mask"], tok["token_type_ids"], candidates=settings.candidates,
-            steps=settings.steps, temperature=settings.temperature, top_k=settings.top_k, generator=rng,
+        ids = mask_predict(
+            model, tok["input_ids"], tok["attention_mask"], tok["token_type_ids"], steps=settings.steps,
+            temperature=settings.temperature, top_k=settings.top_k, generator=rng,
         )  # fmt: skip
         grids = F.embedding(ids, model.centroids).reshape(len(chunk), grid, grid, dim)  # (b, G, G, D)
         all_ids.append(ids)
@@ -422,7 +370,6 @@ def paint_text(
     temperature: float = 0.0,
     top_k: int | None = None,
     seed: int = 0,
-    candidates: int = 1,
 ) -> Path:
     """Paint one sentence (``vlpipe paint "a large red circle left of a blue square"``) and
     write the image, upscaled, with the sentence under it, to ``out_png``."""
@@ -435,8 +382,7 @@ def paint_text(
     model = load_xlxmert(xlxmert_dir)
     gen = load_generator(generator_dir)
     check_compatible(model, gen, Path(generator_dir))
-    settings = PaintSettings(steps=steps, temperature=temperature, top_k=top_k, seed=seed, batch_size=1,
-                             candidates=candidates)  # fmt: skip
+    settings = PaintSettings(steps=steps, temperature=temperature, top_k=top_k, seed=seed, batch_size=1)
     _, images = paint(model, gen, load_tokenizer(Path(tokenizer_dir)), [text], settings)
     write_png(out_png, contact_sheet([(text, [images[0]])], columns=1))
     return Path(out_png)
