@@ -417,6 +417,60 @@ def test_twin_nlvr2_model_starts_from_vqa_and_saves_and_loads(tmp_path: Path) ->
         assert torch.equal(model(inputs), loaded(inputs))
 
 
+def test_own_pair_fusion_rows_read_only_their_own_image() -> None:
+    """``pair_fusion: own`` (LXMERT's NLVR2 rows): each row is exactly the one-image encoder's
+    read of its sentence and its own image; the other image of the pair does not reach it."""
+    single = XvlmEncoder(tiny_model(seed=6)).eval()
+    own = XvlmEncoder(pair_model("own", seed=6), num_images=2).eval()
+    assert not hasattr(own, "image_slot")
+    b = batch()
+    inputs = {"input_ids": b["input_ids"][:4], "attention_mask": b["attention_mask"][:4]}
+    pixels = b["pixel_values"][:4]
+    with torch.no_grad():
+        base = own(**inputs, pixel_values=pixels)
+        assert torch.allclose(base, single(**inputs, pixel_values=pixels), atol=1e-6)
+        changed = pixels.clone()
+        changed[1] = torch.randn(3, 16, 16)  # image 1 of the first pair
+        other = own(**inputs, pixel_values=changed)
+        states = own.fused_states(**inputs, pixel_values=changed)
+    assert torch.equal(base[0], other[0])  # row 0 never reads image 1
+    assert not torch.allclose(base[1], other[1])  # row 1 does: it is its own
+    assert torch.allclose(states[:, 0], other, atol=1e-6)
+
+
+def test_encoder_lr_scale_puts_text_and_fusion_at_their_own_rate_and_the_head_at_the_base() -> None:
+    from vlpipe.config import TrainParams, XvlmFinetuneParams
+    from vlpipe.stages.xvlm import encoder_lr_scales
+    from vlpipe.tasks.base import TaskModel
+    from vlpipe.train.optim import build_optimizer
+
+    model = TaskModel(XvlmEncoder(pair_model("concat", seed=3), num_images=2), torch.nn.Linear(32, 2), 2)
+    p = XvlmFinetuneParams(task="nlvr2", encoder_lr_scale=0.25, vision_lr_scale=0.1)
+    opt = build_optimizer(model, TrainParams(lr=1e-3), encoder_lr_scales(p, "encoder."))
+    rate = {id(q): g["lr"] for g in opt.param_groups for q in g["params"]}
+    for name, q in model.named_parameters():
+        want = 1e-4 if name.startswith("encoder.vision.") else 2.5e-4 if name.startswith("encoder.") else 1e-3
+        assert rate[id(q)] == pytest.approx(want), name
+    assert rate[id(model.encoder.image_slot)] == pytest.approx(2.5e-4)
+    # With the image encoder at the base rate, it keeps the base rate (not the encoder's)
+    only = XvlmFinetuneParams(task="nlvr2", encoder_lr_scale=0.25)
+    opt = build_optimizer(model, TrainParams(lr=1e-3), encoder_lr_scales(only, "encoder."))
+    rate = {id(q): g["lr"] for g in opt.param_groups for q in g["params"]}
+    assert rate[id(next(model.encoder.vision.parameters()))] == pytest.approx(1e-3)
+    assert rate[id(next(model.encoder.bert.parameters()))] == pytest.approx(2.5e-4)
+    assert rate[id(model.head.weight)] == pytest.approx(1e-3)
+    # Retrieval trains X-VLM itself: its text side at the scale, its heads at the base rate
+    bare = tiny_model(seed=3)
+    opt = build_optimizer(bare, TrainParams(lr=1e-3), encoder_lr_scales(XvlmFinetuneParams(task="retrieval", encoder_lr_scale=0.5), ""))
+    rate = {id(q): g["lr"] for g in opt.param_groups for q in g["params"]}
+    for name, q in bare.named_parameters():
+        if q.requires_grad and name != "mlm_head.decoder.weight":
+            assert rate[id(q)] == pytest.approx(5e-4 if name.startswith("bert.") else 1e-3), name
+    assert encoder_lr_scales(XvlmFinetuneParams(task="vqa"), "encoder.") is None
+    with pytest.raises(ValueError):
+        XvlmFinetuneParams(task="vqa", encoder_lr_scale=1.5)
+
+
 def test_an_unknown_pair_fusion_is_an_error() -> None:
     with pytest.raises(ValueError, match="pair_fusion"):
         XvlmEncoder(pair_model("sum"), num_images=2)

@@ -946,7 +946,9 @@ class XvlmEncoder(nn.Module):
       learned slot embedding (``image_slot``);
     - ``twin``: ALBEF / X-VLM's NLVR2 fusion, each fusion layer's cross-attention replaced (in
       ``model`` itself) by a :class:`TwinCrossAttention` that reads own and other image
-      separately and merges the two reads.
+      separately and merges the two reads;
+    - ``own``: LXMERT's NLVR2 rows, each row reads only its own image (as a VQA model reads
+      one), so only the task head combines the two reads.
     """
 
     def __init__(self, model: Xvlm, num_images: int = 1):
@@ -963,8 +965,8 @@ class XvlmEncoder(nn.Module):
         elif self.pair_fusion == "twin":
             for layer in self.bert.encoder.layer[self.bert.num_text_layers :]:
                 layer.crossattention = TwinCrossAttention(layer.crossattention)
-        elif self.pair_fusion is not None:
-            raise ValueError(f"pair_fusion must be 'concat' or 'twin', got {self.pair_fusion!r}")
+        elif self.pair_fusion not in (None, "own"):
+            raise ValueError(f"pair_fusion must be 'concat', 'twin' or 'own', got {self.pair_fusion!r}")
 
     @property
     def hidden_size(self) -> int:
@@ -999,7 +1001,7 @@ class XvlmEncoder(nn.Module):
         two-image encoder (NLVR2 multi-tasked with VQA, :class:`Nlvr2WithVqa`)."""
         # (B, L) text, (B, 3, S, S) pixels
         tokens = self.vision(pixel_values)  # (B, 1 + N, Dv)
-        if self.num_images == 2 and not single_image:
+        if self.num_images == 2 and not single_image and self.pair_fusion != "own":
             visual, visual_mask = self._pair_visual(tokens)
         else:
             visual = tokens
@@ -1016,7 +1018,7 @@ class XvlmEncoder(nn.Module):
     ) -> torch.Tensor:
         """Every fused text state (B, L, H), [CLS] first (:meth:`encode` keeps only that one)."""
         tokens = self.vision(pixel_values)  # (B, 1 + N, Dv)
-        if self.num_images == 2:
+        if self.num_images == 2 and self.pair_fusion != "own":
             visual, visual_mask = self._pair_visual(tokens)
         else:
             visual, visual_mask = tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)

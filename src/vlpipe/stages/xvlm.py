@@ -328,6 +328,20 @@ def vision_lr_scales(p: XvlmFinetuneParams, prefix: str) -> dict[str, float] | N
     return {prefix: p.vision_lr_scale}
 
 
+def encoder_lr_scales(p: XvlmFinetuneParams, root: str) -> dict[str, float] | None:
+    """``fit``'s ``lr_scales`` for a task model whose X-VLM parts sit under ``root`` (``"encoder."``
+    for a task model, ``""`` for retrieval's bare X-VLM): the image encoder at ``vision_lr_scale``,
+    everything else of the encoder (text + fusion layers, NLVR2's image slots) at
+    ``encoder_lr_scale``; the task head at the base rate. None when every rate is the base one.
+    The image encoder comes first: ``param_groups`` takes the first prefix a name matches."""
+    scales = vision_lr_scales(p, f"{root}vision.") or {}
+    if p.encoder_lr_scale == 1.0:
+        return scales or None
+    if not root:  # retrieval trains X-VLM itself: its text side is ``bert.``, its heads stay at the base rate
+        return {**scales, "bert.": p.encoder_lr_scale}
+    return {**scales, f"{root}vision.": scales.get(f"{root}vision.", 1.0), root: p.encoder_lr_scale}
+
+
 def make_pixel_collate(
     task: Any, tokenizer: Any, visual: Callable[[Sequence[str]], dict[str, torch.Tensor]], max_length: int,
     with_targets: bool = True, mark_sides: bool = False,
@@ -410,8 +424,9 @@ def finetune_retrieval(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str,
 
     result = fit(
         model, loss_fn, ExampleDataset(train_ex), collate, p.train, root / RUNS / f"finetune-{key}",
-        eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=json.dumps({"key": key, "init": p.init, "start_from": p.start_from, "swap_sides": p.swap_sides, "freeze_vision": p.freeze_vision}),
-        lr_scales=vision_lr_scales(p, "vision."),
+        eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=json.dumps({"key": key, "init": p.init, "start_from": p.start_from, "swap_sides": p.swap_sides, "freeze_vision": p.freeze_vision,
+        **({"encoder_lr_scale": p.encoder_lr_scale} if p.encoder_lr_scale != 1.0 else {})}),
+        lr_scales=encoder_lr_scales(p, ""),
     )  # fmt: skip
     with atomic_dir(root / FINETUNED / key) as tmp:
         write_xvlm_files(result.model, tmp)
@@ -479,8 +494,9 @@ def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]
         **({"answer_features": True} if p.answer_features else {}),
         **({"vqa_per_pair": p.vqa_per_pair} if p.vqa_per_pair else {}),
         **({"pair_head": p.pair_head, "pair_head_layers": p.pair_head_layers} if p.pair_head != "cls" else {}),
-        **({"text_assignment": p.text_assignment.model_dump()} if p.text_assignment is not None else {})}),
-        lr_scales=vision_lr_scales(p, "nlvr2.encoder.vision." if p.vqa_per_pair else "encoder.vision."),
+        **({"text_assignment": p.text_assignment.model_dump()} if p.text_assignment is not None else {}),
+        **({"encoder_lr_scale": p.encoder_lr_scale} if p.encoder_lr_scale != 1.0 else {})}),
+        lr_scales=encoder_lr_scales(p, "nlvr2.encoder." if p.vqa_per_pair else "encoder."),
     )  # fmt: skip
     save_task_model(result.model.nlvr2 if p.vqa_per_pair else result.model, p, root / FINETUNED / key)
     metrics = {"val": result.eval_metrics, "train": result.losses, "steps": result.step, "init": p.init,
