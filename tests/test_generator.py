@@ -224,7 +224,9 @@ def trained_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train = tiny_params().train.model_copy(
         update={"max_steps": 2, "batch_size": 4, "checkpoint_every": 1, "log_every": 1}
     )
-    train_generator_stage(tiny_params(perceptual_weight=1.0).model_copy(update={"train": train}), root)
+    # with the painter corruption (on by default): the tiny X-LXMERT re-draws a share of each grid
+    params = tiny_params(perceptual_weight=1.0, corrupt_fraction=0.5)
+    train_generator_stage(params.model_copy(update={"train": train}), root)
     return root
 
 
@@ -235,6 +237,32 @@ def test_generator_stage_writes_model_and_metrics(trained_root: Path):
     assert {"l1", "perceptual", "d_hinge", "g_hinge", "fm", "loss"} <= set(metrics["train"])
     gen = load_generator(trained_root / "models/generator")
     assert gen.config.grid == 8 and gen.config.image_size == 64
+
+
+def test_painter_corruption_changes_grids_not_images(trained_root: Path):
+    from vlpipe.stages.xlxmert import _codes, _grid_images
+
+    centroids, codes, grid = _codes(trained_root)
+    clean = _grid_images(trained_root, "train", codes, centroids, grid, limit=6)
+    torch.manual_seed(0)
+    noisy = _grid_images(trained_root, "train", codes, centroids, grid, limit=6,
+                         corrupt_with=tiny_params(corrupt_fraction=1.0))  # fmt: skip
+    a, b = clean.collate(list(range(6))), noisy.collate(list(range(6)))
+    assert torch.equal(a["images"], b["images"])  # the target stays the real image
+    changed = (a["grids"] != b["grids"]).any(-1)  # (B, G, G)
+    assert changed.any() and not changed.all()
+    # every grid is a grid of the codebook's centroids
+    cent = torch.from_numpy(centroids)
+    cells = b["grids"].reshape(-1, 1, cent.shape[1])  # (B*G*G, 1, D)
+    assert bool((cells == cent[None]).all(-1).any(-1).all())
+
+
+def test_painter_corruption_needs_the_codebook_of_the_pretrained_model(trained_root: Path):
+    from vlpipe.stages.xlxmert import _codes, painter_corruption
+
+    centroids, _, _ = _codes(trained_root)
+    with pytest.raises(InputError, match="centroids are not those of"):
+        painter_corruption(tiny_params(), trained_root, ["x"], centroids + 1.0)
 
 
 def test_paint_stage_writes_sheet_and_metrics(trained_root: Path):

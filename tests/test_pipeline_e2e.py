@@ -73,6 +73,19 @@ def test_xvlm_stem_starts_from_the_detector_backbone(built_copy: Path) -> None:
         assert drift < 0.2, (k, float(drift))
 
 
+def test_generator_reads_the_painter_and_dvc_tracks_it(built_copy: Path) -> None:
+    """The default generator trains on grids corrupted by the pre-trained X-LXMERT
+    (``generator.corrupt_fraction``), so `pretrain@xlxmert` is upstream of `generator`."""
+    params = yaml.safe_load((built_copy / "params.yaml").read_text())["generator"]
+    assert params["corrupt_fraction"] > 0
+    lock = yaml.safe_load((built_copy / "dvc.lock").read_text())["stages"]
+    deps = [d["path"] for d in lock["generator"]["deps"]]
+    assert {"models/pretrained/xlxmert", "data/tokenizer", "data/world/lxmert/train.json"} <= set(deps)
+    path = "models/pretrained/xlxmert"
+    pretrained = next(o["md5"] for o in lock["pretrain@xlxmert"]["outs"] if o["path"] == path)
+    assert next(d["md5"] for d in lock["generator"]["deps"] if d["path"] == path) == pretrained
+
+
 def test_nlvr2_starts_from_the_vqa_finetuning_and_dvc_tracks_it(built_copy: Path) -> None:
     """``finetune.lxmert-nlvr2.start_from: models/finetuned/lxmert-vqa`` puts the VQA fine-tuning
     upstream: the NLVR2 stage's lock entry records the exact VQA model it started from."""

@@ -28,7 +28,7 @@ from vlpipe.models.xlxmert import (
     task_inputs,
     uniform_cell_mask,
 )
-from vlpipe.tasks.paint import mask_predict, remask_count
+from vlpipe.tasks.paint import mask_predict, remask_count, resample_cells
 
 K, D, G, V = 12, 6, 4, 50  # clusters, centroid dim, grid side, vocab
 N = G * G
@@ -305,6 +305,35 @@ def test_greedy_mask_predict_keeps_a_confident_cell():
         model.cluster_head.bias[5] = 50.0  # every cell: id 5 with probability ~1
     ids = mask_predict(model, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], steps=4)
     assert bool((ids == 5).all())
+
+
+def test_resample_cells_redraws_only_the_masked_cells():
+    model = tiny_model()
+    batch = clean_batch()
+    args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    ids = batch["cluster_ids"]  # (B, N)
+    masked = torch.zeros(B, N, dtype=torch.bool)
+    masked[:, ::3] = True
+    with torch.no_grad():
+        model.cluster_head.bias.zero_()
+        model.cluster_head.bias[(int(ids.max()) + 1) % K] = 50.0  # the model is sure of an id the grid lacks
+    out = resample_cells(
+        model, *args, ids, masked, temperature=1.0, generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(out[~masked], ids[~masked])  # kept cells untouched
+    assert bool((out[masked] == (int(ids.max()) + 1) % K).all())  # masked cells re-drawn by the model
+    nothing = torch.zeros_like(masked)
+    assert torch.equal(resample_cells(model, *args, ids, nothing, temperature=1.0), ids)
+    assert model.training  # mode restored
+
+    def draw(seed: int) -> torch.Tensor:
+        with torch.no_grad():
+            model.cluster_head.bias.zero_()
+        return resample_cells(
+            model, *args, ids, masked, temperature=1.0, generator=torch.Generator().manual_seed(seed)
+        )
+
+    assert torch.equal(draw(3), draw(3)) and not torch.equal(draw(3), draw(4))
 
 
 # ------------------------------------------------------------------ stage (tiny world)

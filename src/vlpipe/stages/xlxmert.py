@@ -5,7 +5,8 @@
   (``data/codebook``) -> ``models/pretrained/xlxmert`` (HF layout) and val metrics per loss,
   cluster-prediction accuracy and the majority-code baseline beside it.
 - ``generator`` (params ``generator``): the SPADE generator trained on the ground-truth
-  centroid grids of the training images -> ``models/generator``.
+  centroid grids of the training images, a share of their cells re-drawn by the pre-trained
+  X-LXMERT (``corrupt_fraction``) -> ``models/generator``.
 - ``paint`` (params ``paint``): val captions painted by mask-predict + generator, scored
   with the world's detector -> ``metrics/paint.json`` and ``reports/paint.png``.
 
@@ -39,7 +40,6 @@ RUNS = Path("runs")  # persistent checkpoints (DVC `persist: true`) so a killed 
 LIVE = Path("dvclive")
 PAINT_SHEET = Path("reports/paint.png")
 VAL_SEED = 1234  # masking of the val metrics: fixed, so numbers compare across steps and runs
-
 
 
 def _finish(root: Path, name: str) -> None:
@@ -252,13 +252,18 @@ def _images(root: Path, img_ids: Sequence[str]) -> np.ndarray:
 
 class GridImages:
     """Images with their centroid grids, as batches for the generator: ``collate(indices)`` ->
-    ``images`` (B, 3, S, S) in [-1, 1] and ``grids`` (B, G, G, D)."""
+    ``images`` (B, 3, S, S) in [-1, 1] and ``grids`` (B, G, G, D). With ``corrupt``
+    (``corrupt(index (B,), ids (B, G*G)) -> ids``) the grids of a batch are corrupted, not the images."""
 
-    def __init__(self, images: np.ndarray, ids: np.ndarray, centroids: np.ndarray, grid: int):
+    def __init__(
+        self, images: np.ndarray, ids: np.ndarray, centroids: np.ndarray, grid: int,
+        corrupt: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ):  # fmt: skip
         self.images = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())  # (M, 3, S, S) uint8
         self.ids = torch.from_numpy(ids)  # (M, G*G)
         self.centroids = torch.from_numpy(centroids)  # (K, D)
         self.grid = grid
+        self.corrupt = corrupt
 
     def __len__(self) -> int:
         return len(self.images)
@@ -271,7 +276,78 @@ class GridImages:
         from vlpipe.data.images import normalise_batch
 
         idx = torch.as_tensor(index)
-        return {"images": normalise_batch(self.images[idx]), "grids": self.grids(idx)}
+        if self.corrupt is None:
+            return {"images": normalise_batch(self.images[idx]), "grids": self.grids(idx)}
+        ids = self.corrupt(idx, self.ids[idx])  # (B, G*G)
+        grids = self.centroids[ids].reshape(len(idx), self.grid, self.grid, -1)  # (B, G, G, D)
+        return {"images": normalise_batch(self.images[idx]), "grids": grids}
+
+
+class PainterCorruption:
+    """Training grids with the painter's own errors (generator params ``corrupt_fraction``,
+    ``corrupt_temperature``): per grid f ~ U(0, max_fraction); each cell is masked with
+    probability f and re-drawn by the pre-trained X-LXMERT from one of the image's captions
+    (drawn at random) and the other cells (:func:`vlpipe.tasks.paint.resample_cells`).
+
+    X-LXMERT trains its generator on true grids only, but painted grids are sampled cell by
+    cell and their cells do not fit together as a real image's do: a generator that has seen
+    such cells, with the real image as target, draws more of the caption's objects from them
+    (README). Randomness comes from the global torch RNG, which the training loop seeds and
+    checkpoints, so a resumed run draws the same corruption.
+    """
+
+    def __init__(
+        self, model: Any, tokenizer: Any, captions: Sequence[Sequence[str]], max_fraction: float,
+        temperature: float,
+    ):  # fmt: skip
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer, self.captions = tokenizer, captions
+        self.max_fraction, self.temperature = max_fraction, temperature
+        self.max_length = int(model.config.max_text_length)
+
+    def __call__(self, index: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        from vlpipe.tasks.paint import resample_cells
+
+        texts = [self.captions[i][int(torch.randint(len(self.captions[i]), ()))] for i in index.tolist()]
+        tok = self.tokenizer(
+            texts, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        frac = torch.rand(len(ids), 1) * self.max_fraction  # (B, 1)
+        masked = torch.rand(ids.shape) < frac  # (B, G*G)
+        return resample_cells(
+            self.model, tok["input_ids"], tok["attention_mask"], tok["token_type_ids"], ids, masked,
+            temperature=self.temperature,
+        )  # fmt: skip
+
+
+def painter_corruption(
+    p: GeneratorParams, root: Path, img_ids: Sequence[str], centroids: np.ndarray
+) -> PainterCorruption:
+    """The :class:`PainterCorruption` of the training images ``img_ids``: the pre-trained
+    X-LXMERT (its codebook must be ``data/codebook``'s), the tokenizer and each image's
+    ``mscoco`` captions of ``lxmert/train.json``."""
+    from vlpipe.data.formats.lxmert import read_lxmert
+    from vlpipe.data.tokenizer import load_tokenizer
+    from vlpipe.models.xlxmert import load_xlxmert
+
+    model = load_xlxmert(root / PRETRAINED)
+    if tuple(model.centroids.shape) != centroids.shape or not torch.allclose(
+        model.centroids.float(), torch.from_numpy(centroids).float()
+    ):
+        raise InputError(
+            root / PRETRAINED,
+            f"its {tuple(model.centroids.shape)} centroids are not those of {root / CODEBOOK} "
+            f"{centroids.shape}: re-run pretrain@xlxmert on this codebook",
+        )
+    path = root / WORLD / "lxmert/train.json"
+    sentences = {rec["img_id"]: rec["sentf"].get("mscoco", []) for rec in read_lxmert(path)}
+    captions = [sentences.get(i, []) for i in img_ids]
+    bare = [i for i, c in zip(img_ids, captions, strict=True) if not c]
+    if bare:
+        raise InputError(path, f"no 'mscoco' caption for training image {bare[0]!r} (painter corruption)")
+    return PainterCorruption(
+        model, load_tokenizer(root / TOKENIZER), captions, p.corrupt_fraction, p.corrupt_temperature
+    )
 
 
 def run_generator(params_path: Path, root: Path) -> None:
@@ -280,25 +356,38 @@ def run_generator(params_path: Path, root: Path) -> None:
 
 
 def _grid_images(
-    root: Path, split: str, codes: Any, centroids: np.ndarray, grid: int, limit: int | None = None
+    root: Path,
+    split: str,
+    codes: Any,
+    centroids: np.ndarray,
+    grid: int,
+    limit: int | None = None,
+    corrupt_with: GeneratorParams | None = None,
 ) -> GridImages:
+    """The split's images and true grids; ``corrupt_with`` (params with corrupt_fraction > 0):
+    batches carry the painter corruption."""
     ids = read_json(root / WORLD / "splits.json")[split][:limit]
-    return GridImages(_images(root, ids), cluster_ids(codes, ids), centroids, grid)
+    corrupt = painter_corruption(corrupt_with, root, ids, centroids) if corrupt_with is not None else None
+    return GridImages(_images(root, ids), cluster_ids(codes, ids), centroids, grid, corrupt)
 
 
 def train_generator_stage(p: GeneratorParams, root: Path) -> dict[str, Any]:
-    """Train the generator on the training images' ground-truth centroid grids; write
-    ``models/generator`` and ``metrics/generator.json`` (val L1 / PSNR of reconstructions)."""
+    """Train the generator on the training images' centroid grids (ground truth, with the
+    painter corruption when ``corrupt_fraction`` > 0); write ``models/generator`` and
+    ``metrics/generator.json`` (val L1 / PSNR of reconstructions of the true grids)."""
+    from vlpipe.data.images import normalise_batch
     from vlpipe.models.generator import GanPair, build_generator, save_generator
     from vlpipe.train.loop import fit, seed_everything
 
     centroids, codes, grid = _codes(root)
-    train = _grid_images(root, "train", codes, centroids, grid)
+    train = _grid_images(
+        root, "train", codes, centroids, grid, corrupt_with=p if p.corrupt_fraction > 0 else None
+    )
     val = _grid_images(root, "val", codes, centroids, grid, p.val_max_images)
     seed_everything(p.train.seed)
     gen = build_generator(p, centroids, grid=grid, image_size=train.images.shape[-1])
     pair = GanPair(gen, p, perceptual_net(root) if p.perceptual_weight > 0 else None)
-    mean_image = train.collate(list(range(len(train))))["images"].mean(0)  # (3, S, S): the blind baseline
+    mean_image = normalise_batch(train.images).mean(0)  # (3, S, S): the blind baseline
 
     def loss_fn(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return m(batch["images"], batch["grids"])

@@ -114,6 +114,30 @@ def mask_predict(
     return ids
 
 
+@torch.no_grad()
+def resample_cells(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    token_type_ids: torch.Tensor | None,
+    ids: torch.Tensor,
+    masked: torch.Tensor,
+    *,
+    temperature: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The (B, N) cluster ids with their ``masked`` (B, N) cells re-drawn by ``model`` from
+    the sentences (B, L) and the other cells: one mask-predict step on a known grid, i.e. a
+    true grid carrying the painter's own errors (what the generator's painter corruption
+    trains on). The model runs in eval mode (restored afterwards)."""
+    was_training = model.training
+    model.eval()
+    logits = model(input_ids, attention_mask, ids, token_type_ids, visual_mask=masked).cluster_logits
+    new_ids, _ = _choose(logits, temperature, None, generator)  # (B, N)
+    model.train(was_training)
+    return torch.where(masked, new_ids, ids)
+
+
 @dataclass(frozen=True)
 class PaintSettings:
     """How sentences are painted: mask-predict steps, sampling, batch size, seed."""
