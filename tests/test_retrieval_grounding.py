@@ -341,3 +341,30 @@ def test_nlvr2_multitasked_with_vqa_logs_both_losses_and_saves_a_plain_nlvr2_mod
     saved = load_file(tiny_root / "models/finetuned/xvlm-nlvr2-mt/model.safetensors")
     assert not any(k.startswith("nlvr2.") for k in saved) and any(k.startswith("head.answers.") for k in saved)
     assert 0.0 <= stage.submit("xvlm-nlvr2-mt", p, tiny_root)["test"]["accuracy"] <= 1.0
+
+
+def test_ema_decay_saves_the_averaged_weights(tiny_root: Path) -> None:
+    """``ema_decay``: the stage trains as before but saves the average of its iterates; a decay
+    near 0 averages nothing and gives the plain run's weights back."""
+    from safetensors.torch import load_file
+
+    from vlpipe.config import TrainParams, XvlmFinetuneParams, XvlmModelParams, XvlmPretrainParams
+    from vlpipe.stages import xvlm as stage
+
+    model = XvlmModelParams(vision_hidden_size=16, vision_layers=1, vision_heads=2, vision_intermediate_size=32,
+                            hidden_size=16, num_attention_heads=2, intermediate_size=32, text_layers=1,
+                            fusion_layers=1, embed_dim=8)  # fmt: skip
+    train = TrainParams(max_steps=4, batch_size=4, log_every=1, lr=1e-3)
+    if not (tiny_root / "models/pretrained/xvlm").is_dir():
+        stage.pretrain(XvlmPretrainParams(model=model, train=TrainParams(max_steps=2, batch_size=4), val_max_images=4),
+                       tiny_root)  # fmt: skip
+    saved = {}
+    for name, decay in (("plain", None), ("tiny", 1e-9), ("ema", 0.9)):
+        stage.finetune(f"xvlm-vqa-{name}", XvlmFinetuneParams(task="vqa", train=train, ema_decay=decay), tiny_root)
+        saved[name] = load_file(tiny_root / f"models/finetuned/xvlm-vqa-{name}/model.safetensors")
+    assert saved["plain"].keys() == saved["ema"].keys()
+    for k in saved["plain"]:
+        assert torch.allclose(saved["plain"][k], saved["tiny"][k], atol=1e-6), k
+    moved = [k for k in saved["plain"] if not torch.allclose(saved["plain"][k], saved["ema"][k], atol=1e-6)]
+    assert any(k.startswith("head.") for k in moved) and any(k.startswith("encoder.bert.") for k in moved)
+    assert stage.submit("xvlm-vqa-ema", XvlmFinetuneParams(task="vqa", ema_decay=0.9), tiny_root)["test"]

@@ -15,7 +15,7 @@ from torch import nn
 
 from vlpipe.config import TrainParams
 from vlpipe.train.checkpoint import MODEL_FILE, load_latest_checkpoint
-from vlpipe.train.loop import fit
+from vlpipe.train.loop import WeightAverage, fit
 from vlpipe.train.optim import BertAdam, build_optimizer, build_scheduler, param_groups, warmup_linear
 from vlpipe.train.sampler import DataPlan
 
@@ -165,7 +165,7 @@ import json, os, sys
 from pathlib import Path
 from safetensors.torch import save_file
 from vlpipe.config import TrainParams
-from vlpipe.train.loop import fit
+from vlpipe.train.loop import WeightAverage, fit
 
 torch.set_num_threads(1)
 out = Path(sys.argv[1])
@@ -286,3 +286,65 @@ def test_live_dir_torn_by_a_kill_is_repaired_before_resuming(tmp_path):
     assert (plots / "grad_norm.tsv").read_text() == "step\tgrad_norm\n10\t2.0\n20\t1.\n"
     live = Live(str(live_dir), dvcyaml=False, resume=True, save_dvc_exp=False)  # would raise on the torn JSON
     live.end()
+
+
+def test_weight_average_follows_its_formula():
+    model = nn.Linear(2, 1)
+    model.bias.requires_grad_(False)  # frozen: not averaged
+    avg = WeightAverage(model, decay=0.9)
+    assert set(avg.shadow) == {"weight"}
+    expected = model.weight.detach().clone()
+    for step in range(1, 40):
+        with torch.no_grad():
+            model.weight.add_(float(step))
+        d = min(0.9, (1 + step) / (10 + step))
+        expected = d * expected + (1 - d) * model.weight.detach()
+        avg.update(model, step)
+        assert torch.allclose(avg.shadow["weight"], expected), step
+    assert avg.factor(1) == pytest.approx(2 / 11) and avg.factor(1000) == 0.9
+    own = model.weight.detach().clone()
+    with avg.applied(model):
+        assert torch.equal(model.weight, avg.shadow["weight"])
+    assert torch.equal(model.weight, own)  # the block gives the model its own weights back
+    with pytest.raises(ValueError, match="decay"):
+        WeightAverage(model, decay=1.0)
+
+
+def test_ema_run_evaluates_and_returns_the_average(tmp_path):
+    """eval_fn sees the average of the iterates, the returned model holds it, and an interrupted
+    averaged run resumes to the same weights (the average travels in the checkpoint)."""
+    model = toy_model()
+    reference: dict[str, torch.Tensor] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seen: list[tuple[int, float, float]] = []
+
+    def track(step: int, _: dict) -> None:  # the model holds the iterate during training
+        d = min(0.95, (1 + step) / (10 + step))
+        for n, p in model.named_parameters():
+            reference[n] = d * reference[n] + (1 - d) * p.detach()
+
+    def eval_fn(m: nn.Module, step: int) -> dict[str, float]:
+        return {"w": float(m[0].weight[0, 0])}
+
+    def on_step(step: int, values: dict) -> None:
+        track(step, values)
+        if step % 4 == 0:
+            seen.append((step, float(reference["0.weight"][0, 0]), float(model[0].weight.detach()[0, 0])))
+
+    params = _params(eval_every=4)
+    result = fit(model, toy_loss, toy_data(), None, params, tmp_path / "a", eval_fn=eval_fn, ema_decay=0.95,
+                 on_step_end=on_step)  # fmt: skip
+    for n, p in result.model.named_parameters():
+        assert torch.allclose(p, reference[n], atol=1e-6), n
+    last_iterate = seen[-1][2]
+    assert result.eval_metrics["w"] == pytest.approx(seen[-1][1], abs=1e-6)
+    assert abs(last_iterate - seen[-1][1]) > 1e-4  # the average is not the last iterate
+    logged = json.loads((tmp_path / "a" / "live" / "metrics.json").read_text())
+    assert logged["eval"]["w"] == pytest.approx(seen[-1][1], abs=1e-6)
+
+    with pytest.raises(Interrupt):
+        fit(toy_model(), toy_loss, toy_data(), None, params, tmp_path / "b", ema_decay=0.95, on_step_end=kill_at(7))
+    resumed = fit(toy_model(), toy_loss, toy_data(), None, params, tmp_path / "b", ema_decay=0.95)
+    assert resumed.resumed_from == 4
+    _assert_bitwise_equal(_weights(result.model), _weights(resumed.model))
+    plain = fit(toy_model(), toy_loss, toy_data(), None, params, tmp_path / "b")  # other settings: fresh run
+    assert plain.resumed_from is None

@@ -838,3 +838,30 @@ def test_token_pair_head_reads_both_rows_word_by_word_and_saves_and_loads(tmp_pa
         XvlmFinetuneParams(task="vqa", pair_head="tokens")
     with pytest.raises(ValidationError, match="pair_head"):
         XvlmFinetuneParams(task="nlvr2", pair_head="tokens", pair_fusion="twin")
+
+
+def test_mark_sides_starts_the_right_sides_token_type_as_the_left_ones(tmp_path: Path) -> None:
+    """``mark_sides``: the VQA model never saw token type 1, so NLVR2 starts it as a copy of type 0;
+    at the start the right image's row then reads the sentence exactly as the VQA model would."""
+    from vlpipe.config import XvlmFinetuneParams
+    from vlpipe.stages.xvlm import load_for_finetuning, save_task_model
+    from vlpipe.tasks.base import TaskModel
+
+    vqa = TaskModel(XvlmEncoder(tiny_model(seed=7)), torch.nn.Linear(16, 3), 1)
+    types = vqa.encoder.bert.embeddings.token_type_embeddings.weight
+    assert not torch.equal(types[0], types[1])
+    save_task_model(vqa, XvlmFinetuneParams(task="vqa"), tmp_path / "models/finetuned/xvlm-vqa")
+    common = dict(task="nlvr2", start_from="models/finetuned/xvlm-vqa", pair_fusion="own")
+    marked = load_for_finetuning(XvlmFinetuneParams(**common, mark_sides=True), tmp_path)
+    plain = load_for_finetuning(XvlmFinetuneParams(**common), tmp_path)
+    got = marked.bert.embeddings.token_type_embeddings.weight
+    assert torch.equal(got[1], types[0]) and torch.equal(got[0], types[0])
+    assert torch.equal(plain.bert.embeddings.token_type_embeddings.weight[1], types[1])
+    enc = XvlmEncoder(marked, num_images=2).eval()
+    b = batch()
+    inputs = {"input_ids": b["input_ids"][:4], "attention_mask": b["attention_mask"][:4],
+              "pixel_values": b["pixel_values"][:4]}  # fmt: skip
+    with torch.no_grad():
+        zeros = enc(**inputs, token_type_ids=torch.zeros_like(inputs["input_ids"]))
+        sides = enc(**inputs, token_type_ids=torch.arange(4).remainder(2)[:, None].expand_as(inputs["input_ids"]))
+    assert torch.allclose(zeros, sides)

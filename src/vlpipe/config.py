@@ -983,6 +983,14 @@ class XvlmFinetuneParams(Strict):
         "fraction of train.lr, the task head keeping the full rate: the encoder that the task starts from "
         "changes less (layer-wise rates, as vision_lr_scale for the image encoder). 1: one rate for everything",
     )
+    ema_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="keep an exponential moving average of the trained weights with this decay (warmed up "
+        "as TensorFlow's, vlpipe.train.loop.WeightAverage); validation reads the average and the stage saves "
+        "it instead of the last iterate. null: the last iterate",
+    )
     text_assignment: TrainParams | None = Field(
         None,
         description="NLVR2 only: first train the two-image model to tell whether a caption is about the first "

@@ -313,6 +313,13 @@ def load_for_finetuning(p: XvlmFinetuneParams, root: Path) -> Any:
             fresh = ("itm_head.", "bbox_head.", "vision_proj.", "text_proj.", "temp")
         load_state_dict_into(model, state, source, allow_missing=fresh,
                              allow_unexpected=("mlm_head.", "bbox_head.", "itm_head."))  # fmt: skip
+    if p.mark_sides and p.init != "scratch":
+        # Pre-training and VQA feed token type 0 only, so type 1 is still its random init: start
+        # it as type 0, so the right image's row reads the sentence as the VQA model did and the
+        # fine-tuning learns only the difference between the sides.
+        with torch.no_grad():
+            types = model.bert.embeddings.token_type_embeddings.weight  # (type_vocab_size, H)
+            types[1:] = types[0]
     if p.freeze_vision:
         # A fixed feature extractor, as LXMERT's detector is (its ViT has no dropout and its
         # stem GroupNorm no running statistics, so train mode computes the same features).
@@ -426,7 +433,7 @@ def finetune_retrieval(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str,
         model, loss_fn, ExampleDataset(train_ex), collate, p.train, root / RUNS / f"finetune-{key}",
         eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=json.dumps({"key": key, "init": p.init, "start_from": p.start_from, "swap_sides": p.swap_sides, "freeze_vision": p.freeze_vision,
         **({"encoder_lr_scale": p.encoder_lr_scale} if p.encoder_lr_scale != 1.0 else {})}),
-        lr_scales=encoder_lr_scales(p, ""),
+        lr_scales=encoder_lr_scales(p, ""), ema_decay=p.ema_decay,
     )  # fmt: skip
     with atomic_dir(root / FINETUNED / key) as tmp:
         write_xvlm_files(result.model, tmp)
@@ -496,7 +503,7 @@ def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]
         **({"pair_head": p.pair_head, "pair_head_layers": p.pair_head_layers} if p.pair_head != "cls" else {}),
         **({"text_assignment": p.text_assignment.model_dump()} if p.text_assignment is not None else {}),
         **({"encoder_lr_scale": p.encoder_lr_scale} if p.encoder_lr_scale != 1.0 else {})}),
-        lr_scales=encoder_lr_scales(p, "nlvr2.encoder." if p.vqa_per_pair else "encoder."),
+        lr_scales=encoder_lr_scales(p, "nlvr2.encoder." if p.vqa_per_pair else "encoder."), ema_decay=p.ema_decay,
     )  # fmt: skip
     save_task_model(result.model.nlvr2 if p.vqa_per_pair else result.model, p, root / FINETUNED / key)
     metrics = {"val": result.eval_metrics, "train": result.losses, "steps": result.step, "init": p.init,

@@ -3,8 +3,9 @@
 One checkpoint is a directory ``<dir>/step_00000042/`` holding
 
 - ``model.safetensors``: the model weights (safetensors; tied tensors stored once);
-- ``trainer.pt``: optimizer and scheduler state and the RNG states of every process
-  (python, numpy, torch, CUDA), a torch pickle of plain containers and tensors only,
+- ``trainer.pt``: optimizer and scheduler state, the RNG states of every process
+  (python, numpy, torch, CUDA) and, when the run averages its weights, the averaged
+  weights (:class:`vlpipe.train.loop.WeightAverage`), a torch pickle of plain containers and tensors only,
   read back with ``weights_only=True``;
 - ``state.json``: step, data-order position (epoch, step in epoch), run fingerprint;
 - ``manifest.json``, written last: SHA-256 of each file above.
@@ -113,17 +114,20 @@ def save_checkpoint(
     scheduler: LRScheduler,
     rng_states: list[dict[str, Any]],
     state: dict[str, Any],
+    average: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``<directory>/step_<step>`` atomically and return its path.
 
     ``model`` is the unwrapped module; ``rng_states`` holds one :func:`capture_rng_state`
-    per process (rank order); ``state`` is extra JSON (data-order position, fingerprint).
-    Call on one process only (rank 0).
+    per process (rank order); ``state`` is extra JSON (data-order position, fingerprint);
+    ``average`` the run's averaged weights, if it keeps any. Call on one process only (rank 0).
     """
     final = Path(directory) / f"step_{step:08d}"
     with atomic_dir(final) as tmp:
         save_model(model, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states}
+        if average is not None:
+            trainer["average"] = average
         torch.save(trainer, tmp / TRAINER_FILE)
         write_json(tmp / STATE_FILE, {**state, "step": step})
         for name in PAYLOAD:
@@ -197,8 +201,9 @@ def restore_checkpoint(
     scheduler: LRScheduler,
     rank: int = 0,
     device: torch.device | str = "cpu",
-) -> None:
-    """Load weights, optimizer, scheduler and this rank's RNG states from ``checkpoint``.
+) -> dict[str, torch.Tensor] | None:
+    """Load weights, optimizer, scheduler and this rank's RNG states from ``checkpoint``;
+    return the averaged weights it holds (None when the run kept none).
 
     When the checkpoint holds no RNG state for ``rank`` (resumed with more processes),
     rank 0's state is used and a warning says the run is no longer bitwise reproducible.
@@ -217,6 +222,7 @@ def restore_checkpoint(
     if rank >= len(states):
         log.warning("checkpoint %s has no RNG state for rank %d; using rank 0's", path, rank)
     restore_rng_state(states[min(rank, len(states) - 1)])
+    return trainer.get("average")
 
 
 def prune_checkpoints(directory: str | Path, keep: int, fingerprint: str | None = None) -> None:

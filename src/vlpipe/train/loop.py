@@ -13,7 +13,10 @@
    lr and gradient norm to DVCLive and TensorBoard (rank 0 only);
 5. every ``eval_every`` steps and at the end: ``eval_fn(model, step)`` in eval mode;
 6. every ``checkpoint_every`` steps and at the end: an atomic checkpoint with optimizer,
-   scheduler and all processes' RNG states (rank 0 writes).
+   scheduler and all processes' RNG states (rank 0 writes);
+7. with ``ema_decay``: an exponential moving average of the trained weights
+   (:class:`WeightAverage`) after every step; evaluation reads it, checkpoints keep it, and the
+   model ``fit`` returns holds it.
 
 On start it resumes from the newest complete checkpoint of the same settings, so an
 interrupted run ends with exactly the weights of an uninterrupted one (CPU, same seed,
@@ -32,7 +35,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,7 @@ from torch.utils.data import DataLoader, default_collate
 from tqdm.auto import tqdm
 
 from vlpipe.config import TrainParams
+from vlpipe.errors import InputError
 from vlpipe.io import atomic_file
 from vlpipe.train.checkpoint import (
     capture_rng_state,
@@ -66,6 +70,65 @@ StepHook = Callable[[int, dict[str, float]], None]
 # Settings that change how often we log or save, not what is computed: left out of the
 # fingerprint so changing them does not throw a resumable checkpoint away.
 CADENCE_FIELDS = {"checkpoint_every", "keep_checkpoints", "log_every", "num_workers"}
+
+
+class WeightAverage:
+    """Exponential moving average of a model's trainable weights (Polyak averaging).
+
+    After optimizer step t (1-based): ``avg = d_t * avg + (1 - d_t) * w`` with
+    ``d_t = min(decay, (1 + t) / (10 + t))``, the warm-up of TensorFlow's
+    ``ExponentialMovingAverage(num_updates=t)``, so the average does not drag the initial weights
+    along for ~1 / (1 - decay) steps. The average of the last few hundred steps of a noisy
+    fine-tuning sits nearer the middle of the basin than the last iterate (Polyak & Juditsky
+    1992; Izmailov et al., "Averaging Weights Leads to Wider Optima", UAI 2018). Frozen
+    parameters and buffers are not averaged (they do not move). Kept in float32.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def factor(self, step: int) -> float:
+        """``d_t`` of optimizer step ``step`` (1-based)."""
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = self.factor(step)
+        for name, p in model.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(p.detach().float(), 1.0 - d)  # avg += (1 - d) (w - avg)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Overwrite the model's trained weights with the average."""
+        for name, p in model.named_parameters():
+            if name in self.shadow:
+                p.copy_(self.shadow[name].to(p.dtype))
+
+    @contextmanager
+    def applied(self, model: nn.Module) -> Iterator[None]:
+        """The model holds the average inside the block and its own weights again after it."""
+        kept = {n: p.detach().clone() for n, p in model.named_parameters() if n in self.shadow}
+        self.copy_to(model)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name in kept:
+                        p.copy_(kept[name])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: t.clone() for n, t in self.shadow.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], source: Path) -> None:
+        if set(state) != set(self.shadow):
+            raise InputError(source, f"its averaged weights do not fit the model: {sorted(set(state) ^ set(self.shadow))[:5]}")
+        for name, t in state.items():
+            self.shadow[name].copy_(t)
 
 
 @dataclass
@@ -270,10 +333,10 @@ def _mean_over_processes(accelerator: Accelerator, window: list[dict[str, torch.
     return {n: float(v) for n, v in zip(names, reduced.tolist(), strict=True)}
 
 
-def _evaluate(model: nn.Module, eval_fn: EvalFn, step: int) -> dict[str, float]:
+def _evaluate(model: nn.Module, eval_fn: EvalFn, step: int, average: WeightAverage | None = None) -> dict[str, float]:
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), average.applied(model) if average is not None else nullcontext():
         metrics = eval_fn(model, step)
     model.train(was_training)
     return {k: float(v) for k, v in metrics.items()}
@@ -295,6 +358,7 @@ class _Run:
     fingerprint: str
     start_step: int
     resumed_from: int | None
+    average: WeightAverage | None = None
 
     def save(self, step: int, keep: int) -> None:
         """Checkpoint ``step``: every process hands its RNG state to rank 0, which writes."""
@@ -311,6 +375,7 @@ class _Run:
             save_checkpoint(
                 self.checkpoint_dir, step, model=self.raw_model, optimizer=self.optimizer,
                 scheduler=self.scheduler, rng_states=rng, state=state,
+                average=self.average.state_dict() if self.average is not None else None,
             )  # fmt: skip
             prune_checkpoints(self.checkpoint_dir, keep, self.fingerprint)
         self.accelerator.wait_for_everyone()
@@ -318,7 +383,7 @@ class _Run:
 
 def _start(
     model: nn.Module, num_samples: int, params: TrainParams, run_dir: Path, fingerprint: str,
-    lr_scales: Mapping[str, float] | None = None,
+    lr_scales: Mapping[str, float] | None = None, ema_decay: float | None = None,
 ) -> _Run:
     """Seed, build optimizer and schedule, prepare for the processes, resume if possible."""
     accelerator = make_accelerator(params)
@@ -332,18 +397,23 @@ def _start(
     raw = accelerator.unwrap_model(wrapped)
     fp = run_fingerprint(params, num_samples, fingerprint)
     ckpt = load_latest_checkpoint(run_dir / "checkpoints", fp)
+    average = WeightAverage(raw, ema_decay) if ema_decay is not None else None
     if ckpt is not None:
         if accelerator.is_main_process:
             log.info("resuming %s from its checkpoint at step %d of %d", run_dir, ckpt.step, total)
-        restore_checkpoint(
+        kept = restore_checkpoint(
             ckpt, model=raw, optimizer=optimizer, scheduler=scheduler, rank=rank, device=accelerator.device
         )
+        if average is not None:
+            if kept is None:  # the fingerprint names ema_decay, so this is a damaged checkpoint
+                raise InputError(ckpt.path, "has no averaged weights, but the run averages (ema_decay)")
+            average.load_state_dict(kept, ckpt.path)
     accelerator.wait_for_everyone()
     return _Run(
         accelerator=accelerator, plan=plan, total_steps=total, model=wrapped, raw_model=raw,
         optimizer=optimizer, prepared_optimizer=prepared_optimizer, scheduler=scheduler,
         checkpoint_dir=run_dir / "checkpoints", fingerprint=fp,
-        start_step=ckpt.step if ckpt else 0, resumed_from=ckpt.step if ckpt else None,
+        start_step=ckpt.step if ckpt else 0, resumed_from=ckpt.step if ckpt else None, average=average,
     )  # fmt: skip
 
 
@@ -361,6 +431,7 @@ def fit(
     fingerprint: str = "",
     on_step_end: StepHook | None = None,
     lr_scales: Mapping[str, float] | None = None,
+    ema_decay: float | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; resume from ``run_dir/checkpoints`` when a matching one exists.
 
@@ -375,7 +446,10 @@ def fit(
     - ``on_step_end(step, values)``: called after each optimizer step (after its checkpoint)
       with this process's losses, lr and grad_norm of that step, e.g. to stop a run (raise);
     - ``lr_scales``: parameter-name prefix -> factor of ``params.lr`` for those parameters
-      (:func:`vlpipe.train.optim.param_groups`); part of the checkpoint fingerprint.
+      (:func:`vlpipe.train.optim.param_groups`); part of the checkpoint fingerprint;
+    - ``ema_decay``: keep an exponential moving average of the trained weights
+      (:class:`WeightAverage`); ``eval_fn`` sees the average, and the returned model holds it
+      (the last iterate is not kept). Part of the checkpoint fingerprint.
 
     Writes ``run_dir/checkpoints/step_*``, the DVCLive dir and
     ``run_dir/tensorboard`` (rank 0 only). Losses are logged as ``train/<name>``.
@@ -383,7 +457,10 @@ def fit(
     run_dir = Path(run_dir)
     if lr_scales:
         fingerprint = f"{fingerprint} lr_scales={sorted(lr_scales.items())}"
-    run = _start(model, len(train_dataset), params, run_dir, fingerprint, lr_scales)
+    if ema_decay is not None:
+        fingerprint = f"{fingerprint} ema_decay={ema_decay!r}"
+    run = _start(model, len(train_dataset), params, run_dir, fingerprint, lr_scales, ema_decay)
+    average = run.average
     acc, plan, total, step = run.accelerator, run.plan, run.total_steps, run.start_step
     result = TrainResult(model=run.raw_model, step=step, total_steps=total, resumed_from=run.resumed_from)
     live_dir = Path(live_dir) if live_dir is not None else run_dir / "live"
@@ -403,18 +480,22 @@ def fit(
                 )
                 window.append(current)
                 step += 1
+                if average is not None:
+                    average.update(run.raw_model, step)
                 progress.update(1)
                 if step % params.log_every == 0 or step == total:
                     result.losses, window = _mean_over_processes(acc, window), []
                     logger.log(step, {f"train/{k}": v for k, v in result.losses.items()} | {"train/epoch": epoch})
                     progress.set_postfix(loss=f"{result.losses['loss']:.4f}")
                 if eval_fn is not None and params.eval_every and step % params.eval_every == 0:
-                    result.eval_metrics, last_eval = _evaluate(run.raw_model, eval_fn, step), step
+                    result.eval_metrics, last_eval = _evaluate(run.raw_model, eval_fn, step, average), step
                     logger.log(step, {f"eval/{k}": v for k, v in result.eval_metrics.items()})
                 if step % params.checkpoint_every == 0 or step == total:
                     run.save(step, params.keep_checkpoints)
                 if on_step_end is not None:
                     on_step_end(step, {k: float(v) for k, v in current.items()})
+        if average is not None:  # what the run delivers: the averaged weights
+            average.copy_to(run.raw_model)
         if eval_fn is not None and last_eval != step:
             result.eval_metrics = _evaluate(run.raw_model, eval_fn, step)
             logger.log(step, {f"eval/{k}": v for k, v in result.eval_metrics.items()})
