@@ -309,7 +309,7 @@ def test_stages_pretrain_finetune_and_submit_on_a_tiny_world(tiny_root: Path) ->
     again = stage.pretrain(XvlmPretrainParams(model=model, train=train, val_max_images=4), tiny_root)
     assert weights.read_bytes() == first and again["val"] == pre["val"]  # same seed, same bytes
     for task in ("retrieval", "refcoco", "nlvr2"):
-        p = XvlmFinetuneParams(task=task, train=train, k_test=3)
+        p = XvlmFinetuneParams(task=task, train=train, k_test=3, flip_images=task == "nlvr2")
         val = stage.finetune(f"xvlm-{task}", p, tiny_root)["val"]
         test = stage.submit(f"xvlm-{task}", p, tiny_root)["test"]
         key = {"retrieval": "r_mean", "refcoco": "accuracy", "nlvr2": "accuracy"}[task]
@@ -368,3 +368,33 @@ def test_ema_decay_saves_the_averaged_weights(tiny_root: Path) -> None:
     moved = [k for k in saved["plain"] if not torch.allclose(saved["plain"][k], saved["ema"][k], atol=1e-6)]
     assert any(k.startswith("head.") for k in moved) and any(k.startswith("encoder.bert.") for k in moved)
     assert stage.submit("xvlm-vqa-ema", XvlmFinetuneParams(task="vqa", ema_decay=0.9), tiny_root)["test"]
+
+
+def test_flipped_collate_mirrors_each_image_on_its_own_coin() -> None:
+    """``flip_images``: every row's image is either itself or its left-right mirror, rows flip
+    independently, the text and targets stay, and a seeded torch RNG gives the same flips."""
+    from vlpipe.stages.xvlm import with_flips
+
+    pixels = torch.arange(64 * 3 * 4 * 4, dtype=torch.float32).reshape(64, 3, 4, 4)
+
+    def collate(batch: list) -> dict:
+        return {"inputs": {"input_ids": torch.ones(64, 5), "pixel_values": pixels.clone()}, "targets": torch.ones(32)}
+
+    torch.manual_seed(0)
+    out = with_flips(collate)([None] * 32)
+    got = out["inputs"]["pixel_values"]
+    same = (got == pixels).flatten(1).all(1)
+    mirrored = (got == pixels.flip(-1)).flatten(1).all(1)
+    assert bool((same | mirrored).all()) and 16 < int(mirrored.sum()) < 48
+    assert torch.equal(out["inputs"]["input_ids"], torch.ones(64, 5)) and torch.equal(out["targets"], torch.ones(32))
+    torch.manual_seed(0)
+    assert torch.equal(with_flips(collate)([None] * 32)["inputs"]["pixel_values"], got)
+
+
+def test_flip_images_is_refused_outside_nlvr2() -> None:
+    from pydantic import ValidationError
+
+    from vlpipe.config import XvlmFinetuneParams
+
+    with pytest.raises(ValidationError, match="flip_images is for NLVR2 only"):
+        XvlmFinetuneParams(task="vqa", flip_images=True)

@@ -983,6 +983,12 @@ class XvlmFinetuneParams(Strict):
         "fraction of train.lr, the task head keeping the full rate: the encoder that the task starts from "
         "changes less (layer-wise rates, as vision_lr_scale for the image encoder). 1: one rate for everything",
     )
+    flip_images: bool = Field(
+        False,
+        description="NLVR2 only: each training image is mirrored left-right with probability 1/2, on its own "
+        "(ALBEF's and X-VLM's NLVR2 fine-tuning flips its images). NLVR2's 'left' / 'right' name the images, "
+        "not places inside one, and the world's shapes are mirror-symmetric, so every label stays true",
+    )
     ema_decay: float | None = Field(
         None,
         gt=0,
@@ -1004,6 +1010,8 @@ class XvlmFinetuneParams(Strict):
         _check_swap_sides(self.task, self.swap_sides)
         if self.mark_sides and self.task != "nlvr2":
             raise ValueError(f"mark_sides is for NLVR2 only, not {self.task!r}")
+        if self.flip_images and self.task != "nlvr2":
+            raise ValueError(f"flip_images is for NLVR2 only (other tasks' spatial words would turn false), not {self.task!r}")
         if self.pair_fusion != "concat" and self.task != "nlvr2":
             raise ValueError(f"pair_fusion is for NLVR2 only, not {self.task!r}")
         if self.text_assignment is not None and self.task != "nlvr2":

@@ -379,6 +379,21 @@ def make_pixel_collate(
     return collate
 
 
+def with_flips(collate: Callable[[list[Example]], dict[str, Any]]) -> Callable[[list[Example]], dict[str, Any]]:
+    """``collate`` with each row's image mirrored left-right with probability 1/2, independently
+    (``flip_images``). The coin comes from the global torch RNG, which checkpoints capture, so a
+    resumed run flips the same images."""
+
+    def flipped(batch: list[Example]) -> dict[str, Any]:
+        out = collate(batch)
+        px = out["inputs"]["pixel_values"]  # (B * n, 3, S, S)
+        coin = torch.rand(px.shape[0]) < 0.5  # (B * n,)
+        out["inputs"]["pixel_values"] = torch.where(coin[:, None, None, None], px.flip(-1), px)
+        return out
+
+    return flipped
+
+
 def make_task(name: str, world_dir: Path) -> Any:
     """The task object of ``name``: the shared VQA / NLVR2 tasks or grounding."""
     from vlpipe.tasks import TASKS
@@ -472,15 +487,16 @@ def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]
         train_ex += swap_sides(train_ex)
 
     train_data: Any = ExampleDataset(train_ex)
+    collate_nlvr2 = with_flips(collate) if p.flip_images else collate
     if p.vqa_per_pair:  # NLVR2 multi-tasked with VQA: each pair brings its VQA questions
         from vlpipe.models.xvlm import Nlvr2WithVqa
 
         vqa = make_task("vqa", root / WORLD)
         train_data = WithPartners(train_ex, vqa.examples("train"), p.vqa_per_pair, p.train.seed)
-        collate_train = with_partners_collate(collate, make_pixel_collate(vqa, tok, visual, encoder.max_text_length))
+        collate_train = with_partners_collate(collate_nlvr2, make_pixel_collate(vqa, tok, visual, encoder.max_text_length))
         model = Nlvr2WithVqa(model)
     else:
-        collate_train = collate
+        collate_train = collate_nlvr2
 
     def loss_fn(m: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         if "vqa_inputs" not in batch:
@@ -497,6 +513,7 @@ def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]
         model, loss_fn, train_data, collate_train, p.train, root / RUNS / f"finetune-{key}",
         eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=json.dumps({"key": key, "init": p.init, "start_from": p.start_from, "swap_sides": p.swap_sides, "freeze_vision": p.freeze_vision,
         **({"mark_sides": True} if p.mark_sides else {}),
+        **({"flip_images": True} if p.flip_images else {}),
         **({"pair_fusion": p.pair_fusion} if p.pair_fusion != "concat" else {}),
         **({"answer_features": True} if p.answer_features else {}),
         **({"vqa_per_pair": p.vqa_per_pair} if p.vqa_per_pair else {}),
