@@ -21,7 +21,7 @@ from vlpipe.eval.boxes import (
     xyxy_to_cxcywh,
 )
 from vlpipe.eval.retrieval import retrieval_metrics, retrieval_ranks
-from vlpipe.io import write_json
+from vlpipe.io import read_json, write_json
 
 
 @pytest.fixture(autouse=True)
@@ -309,12 +309,17 @@ def test_stages_pretrain_finetune_and_submit_on_a_tiny_world(tiny_root: Path) ->
     again = stage.pretrain(XvlmPretrainParams(model=model, train=train, val_max_images=4), tiny_root)
     assert weights.read_bytes() == first and again["val"] == pre["val"]  # same seed, same bytes
     for task in ("retrieval", "refcoco", "nlvr2"):
-        p = XvlmFinetuneParams(task=task, train=train, k_test=3, flip_images=task == "nlvr2")
+        p = XvlmFinetuneParams(task=task, train=train, k_test=3, flip_images=task == "nlvr2", own_frame=task == "nlvr2")
         val = stage.finetune(f"xvlm-{task}", p, tiny_root)["val"]
         test = stage.submit(f"xvlm-{task}", p, tiny_root)["test"]
         key = {"retrieval": "r_mean", "refcoco": "accuracy", "nlvr2": "accuracy"}[task]
         assert 0.0 <= val[key] <= 1.0 and 0.0 <= test[key] <= 1.0
     assert (tiny_root / "leaderboard/xvlm-retrieval/test_rank.json").is_file()
+    # the NLVR2 model records that it reads its rows from their own side; submit with params
+    # that say otherwise would feed it sentences it was not trained on, and is refused
+    assert read_json(tiny_root / "models/finetuned/xvlm-nlvr2/task.json")["own_frame"] is True
+    with pytest.raises(InputError, match="own_frame"):
+        stage.submit("xvlm-nlvr2", XvlmFinetuneParams(task="nlvr2", own_frame=False), tiny_root)
     assert {"testA", "testB"} <= set(stage.submit("xvlm-refcoco", XvlmFinetuneParams(task="refcoco"), tiny_root)["test"])
 
 

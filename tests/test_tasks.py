@@ -171,6 +171,41 @@ def test_mark_sides_gives_each_nlvr2_row_the_index_of_its_image(tiny_world: Path
     assert marked_px["pixel_values"].shape == (6, 3, 8, 8)
 
 
+def test_own_frame_makes_the_left_image_of_every_row_its_own(tiny_world: Path, tmp_path: Path) -> None:
+    """``own_frame``: the right image's row reads the sentence with left / right swapped, the
+    left image's row reads it as written; everything else in the batch is unchanged."""
+    from vlpipe.config import TokenizerParams
+    from vlpipe.data.tokenizer import build_tokenizer, load_tokenizer
+    from vlpipe.stages.xvlm import make_pixel_collate
+    from vlpipe.tasks.base import Example
+    from vlpipe.tasks.nlvr2 import swap_side_words
+
+    assert swap_side_words("The left image contains a star or the right image contains no circles.") == (
+        "The right image contains a star or the left image contains no circles."
+    )
+    assert swap_side_words("Left of the right image.") == "Right of the left image."
+    build_tokenizer(TokenizerParams(vocab_size=200), tiny_world, tmp_path)
+    tok, task = load_tokenizer(tmp_path), TASKS["nlvr2"](tiny_world)
+
+    def pixels(ids):
+        return {"pixel_values": torch.stack([torch.full((3, 4, 4), float(k)) for k in range(len(ids))])}
+
+    examples = [Example(key="a", img_ids=("i0", "i1"), sent="The left image contains a star.", target=True),
+                Example(key="b", img_ids=("i2", "i3"), sent="Both images contain a circle.", target=False)]  # fmt: skip
+    plain = make_pixel_collate(task, tok, pixels, max_length=24)(examples)
+    own = make_pixel_collate(task, tok, pixels, max_length=24, own_frame=True)(examples)
+    expected = ["The left image contains a star.", "The right image contains a star.",
+                "Both images contain a circle.", "Both images contain a circle."]  # fmt: skip
+    assert torch.equal(own["inputs"]["input_ids"], tok(expected, padding="longest", return_tensors="pt")["input_ids"])
+    assert not torch.equal(own["inputs"]["input_ids"][1], plain["inputs"]["input_ids"][1])
+    for k in (0, 2, 3):  # rows without a side word to swap, and every left image's row, stay as they were
+        assert torch.equal(own["inputs"]["input_ids"][k], plain["inputs"]["input_ids"][k])
+    assert torch.equal(own["inputs"]["pixel_values"], plain["inputs"]["pixel_values"])
+    assert torch.equal(own["targets"], plain["targets"])
+    with pytest.raises(ValueError, match="own_frame is for two-image tasks"):
+        make_pixel_collate(TASKS["vqa"](tiny_world), tok, pixels, max_length=24, own_frame=True)
+
+
 def test_mirror_swaps_spatial_words_in_question_and_answers_and_tags_the_copy() -> None:
     from vlpipe.tasks.base import Example
     from vlpipe.tasks.mirror import mirror_examples, swap_words

@@ -351,15 +351,22 @@ def encoder_lr_scales(p: XvlmFinetuneParams, root: str) -> dict[str, float] | No
 
 def make_pixel_collate(
     task: Any, tokenizer: Any, visual: Callable[[Sequence[str]], dict[str, torch.Tensor]], max_length: int,
-    with_targets: bool = True, mark_sides: bool = False,
+    with_targets: bool = True, mark_sides: bool = False, own_frame: bool = False,
 ) -> Callable[[list[Example]], dict[str, Any]]:  # fmt: skip
     """Like :func:`vlpipe.tasks.base.make_collate` with pixels as the visual input: each example
     gives ``task.num_images`` rows (its sentence with each of its images), texts padded to the
     longest in the batch. ``mark_sides``: each row's token type is the index of its own image
-    (NLVR2: row 0 reads the left image as its own, row 1 the right one)."""
+    (NLVR2: row 0 reads the left image as its own, row 1 the right one). ``own_frame`` (NLVR2):
+    the right image's row reads the sentence with "left" / "right" swapped, so that in every
+    row "the left image" is the row's own image."""
+    if own_frame and task.num_images != 2:
+        raise ValueError(f"own_frame is for two-image tasks (NLVR2), not {task.name!r}")
+    from vlpipe.tasks.nlvr2 import swap_side_words
 
     def collate(batch: list[Example]) -> dict[str, Any]:
         sents = [ex.sent for ex in batch for _ in ex.img_ids]
+        if own_frame:  # rows are (example, image) pairs: odd rows read the right image
+            sents = [swap_side_words(s) if k % 2 else s for k, s in enumerate(sents)]
         text = tokenizer(sents, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
         types = text["token_type_ids"]  # (B * n, L), zeros
         if mark_sides:  # as make_collate's: rows are (example, image) pairs, row k reads image k % n
@@ -479,7 +486,8 @@ def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]
         model = XvlmGrounder(encoder, pre.bbox_head)  # X-VLM fine-tunes the pre-trained box head
     else:
         model = nlvr2_or_task_model(p, task, encoder, root)
-    collate = make_pixel_collate(task, tok, visual, encoder.max_text_length, mark_sides=p.mark_sides)
+    collate = make_pixel_collate(task, tok, visual, encoder.max_text_length, mark_sides=p.mark_sides,
+                                 own_frame=p.own_frame)  # fmt: skip
     train_ex, val_ex = task.examples("train"), task.examples("val")
     if p.swap_sides:
         from vlpipe.tasks.nlvr2 import swap_sides
@@ -513,6 +521,7 @@ def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]
         model, loss_fn, train_data, collate_train, p.train, root / RUNS / f"finetune-{key}",
         eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=json.dumps({"key": key, "init": p.init, "start_from": p.start_from, "swap_sides": p.swap_sides, "freeze_vision": p.freeze_vision,
         **({"mark_sides": True} if p.mark_sides else {}),
+        **({"own_frame": True} if p.own_frame else {}),
         **({"flip_images": True} if p.flip_images else {}),
         **({"pair_fusion": p.pair_fusion} if p.pair_fusion != "concat" else {}),
         **({"answer_features": True} if p.answer_features else {}),
@@ -669,6 +678,8 @@ def save_task_model(model: Any, p: XvlmFinetuneParams, out_dir: Path) -> None:
             info["answer_features"] = int(model.head.answers.logit_fc[-1].out_features)
         if p.pair_head != "cls":
             info["pair_head"], info["pair_head_layers"] = p.pair_head, p.pair_head_layers
+        if p.own_frame:  # how the model reads its sentences: submit checks params against it
+            info["own_frame"] = True
         write_json(tmp / "task.json", info)
 
 
@@ -725,10 +736,14 @@ def submit(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]:
     from vlpipe.tasks.base import predict_all
 
     task = make_task(p.task, root / WORLD)
-    model = load_task_model(root / FINETUNED / key, task)
+    model_dir = root / FINETUNED / key
+    model = load_task_model(model_dir, task)
+    if bool(read_json(model_dir / "task.json").get("own_frame", False)) != p.own_frame:
+        raise InputError(model_dir / "task.json", f"the model was fine-tuned with own_frame "
+                         f"{not p.own_frame}, params say {p.own_frame}: re-run finetune@{key}")  # fmt: skip
     visual = PixelInputs(root / WORLD, model.encoder.vision.image_size)
     collate = make_pixel_collate(task, load_tokenizer(root / TOKENIZER), visual, model.encoder.max_text_length,
-                                 with_targets=False, mark_sides=p.mark_sides)  # fmt: skip
+                                 with_targets=False, mark_sides=p.mark_sides, own_frame=p.own_frame)  # fmt: skip
     preds = predict_all(model, task, task.examples("test"), collate, p.eval_batch_size)
     with atomic_dir(root / LEADERBOARD / key) as tmp:
         task.write_submission(preds, tmp)

@@ -27,6 +27,12 @@ _SIDE = re.compile(r"\b(left|right|Left|Right)\b")
 _OTHER_SIDE = {"left": "right", "right": "left", "Left": "Right", "Right": "Left"}
 
 
+def swap_side_words(sentence: str) -> str:
+    """``sentence`` with "left" and "right" swapped (either capitalisation): the same claim
+    about the pair read from the other image's side."""
+    return _SIDE.sub(lambda m: _OTHER_SIDE[m.group(1)], sentence)
+
+
 def swap_sides(examples: Sequence[Example]) -> list[Example]:
     """Each pair mirrored: images swapped and "left" / "right" swapped in the sentence, which
     keeps its truth value (the label is unchanged). Keys get a ``-swapped`` suffix.
@@ -36,7 +42,7 @@ def swap_sides(examples: Sequence[Example]) -> list[Example]:
     """
     return [
         replace(ex, key=f"{ex.key}-swapped", img_ids=tuple(reversed(ex.img_ids)),
-                sent=_SIDE.sub(lambda m: _OTHER_SIDE[m.group(1)], ex.sent))  # fmt: skip
+                sent=swap_side_words(ex.sent))  # fmt: skip
         for ex in examples
     ]
 
