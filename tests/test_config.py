@@ -239,6 +239,10 @@ def test_mark_sides_is_for_nlvr2_only():
     assert Params.model_validate({"finetune": {"xvlm-nlvr2": {"model": "xvlm", "task": "nlvr2", "own_frame": True}}})
     with pytest.raises(ValidationError, match="own_frame is for NLVR2 only"):
         Params.model_validate({"finetune": {"xvlm-vqa": {"model": "xvlm", "task": "vqa", "own_frame": True}}})
+    with pytest.raises(ValidationError, match="own_clause_first"):
+        Params.model_validate({"finetune": {"xvlm-nlvr2": {"model": "xvlm", "task": "nlvr2", "own_clause_first": True}}})
+    assert Params.model_validate({"finetune": {"xvlm-nlvr2": {"model": "xvlm", "task": "nlvr2", "own_frame": True,
+                                                              "own_clause_first": True}}})  # fmt: skip
 
 
 def test_pair_fusion_is_xvlm_nlvr2s_only():

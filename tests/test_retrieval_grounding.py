@@ -348,6 +348,35 @@ def test_nlvr2_multitasked_with_vqa_logs_both_losses_and_saves_a_plain_nlvr2_mod
     assert 0.0 <= stage.submit("xvlm-nlvr2-mt", p, tiny_root)["test"]["accuracy"] <= 1.0
 
 
+def test_nlvr2_reading_options_are_recorded_loaded_and_checked_by_submit(tiny_root: Path) -> None:
+    """``symmetric_head`` and ``own_clause_first``: the NLVR2 stage trains with them and records
+    them in task.json, ``load_task_model`` rebuilds the head symmetric, and submit refuses params
+    without either (the model would read pairs as it was not trained to)."""
+    from vlpipe.config import TrainParams, XvlmFinetuneParams, XvlmModelParams, XvlmPretrainParams
+    from vlpipe.stages import xvlm as stage
+
+    model = XvlmModelParams(vision_hidden_size=16, vision_layers=1, vision_heads=2, vision_intermediate_size=32,
+                            hidden_size=16, num_attention_heads=2, intermediate_size=32, text_layers=1,
+                            fusion_layers=1, embed_dim=8)  # fmt: skip
+    train = TrainParams(max_steps=2, batch_size=4, log_every=1)
+    if not (tiny_root / "models/pretrained/xvlm").is_dir():
+        stage.pretrain(XvlmPretrainParams(model=model, train=train, val_max_images=4), tiny_root)
+    if not (tiny_root / "models/finetuned/xvlm-vqa").is_dir():
+        stage.finetune("xvlm-vqa", XvlmFinetuneParams(task="vqa", train=train), tiny_root)
+    p = XvlmFinetuneParams(task="nlvr2", start_from="models/finetuned/xvlm-vqa", answer_features=True,
+                           own_frame=True, own_clause_first=True, pair_fusion="own", swap_sides=True,
+                           symmetric_head=True, train=train)  # fmt: skip
+    stage.finetune("xvlm-nlvr2-sym", p, tiny_root)
+    model_dir = tiny_root / "models/finetuned/xvlm-nlvr2-sym"
+    info = read_json(model_dir / "task.json")
+    assert info["symmetric_head"] is True and info["own_clause_first"] is True
+    assert stage.load_task_model(model_dir, stage.make_task("nlvr2", tiny_root / "data/world")).head.symmetric
+    assert 0.0 <= stage.submit("xvlm-nlvr2-sym", p, tiny_root)["test"]["accuracy"] <= 1.0
+    for name in ("symmetric_head", "own_clause_first"):
+        with pytest.raises(InputError, match=name):
+            stage.submit("xvlm-nlvr2-sym", p.model_copy(update={name: False}), tiny_root)
+
+
 def test_ema_decay_saves_the_averaged_weights(tiny_root: Path) -> None:
     """``ema_decay``: the stage trains as before but saves the average of its iterates; a decay
     near 0 averages nothing and gives the plain run's weights back."""

@@ -206,6 +206,53 @@ def test_own_frame_makes_the_left_image_of_every_row_its_own(tiny_world: Path, t
         make_pixel_collate(TASKS["vqa"](tiny_world), tok, pixels, max_length=24, own_frame=True)
 
 
+def test_left_clause_first_commutes_the_two_image_clauses_only() -> None:
+    from vlpipe.tasks.nlvr2 import left_clause_first
+
+    assert left_clause_first("The right image contains a star or the left image contains no red circles.") == (
+        "The left image contains no red circles or the right image contains a star."
+    )
+    assert left_clause_first("the right image contains exactly two cubes and the left image contains a cube") == (
+        "the left image contains a cube and the right image contains exactly two cubes"
+    )
+    for same in ("The left image contains a star and the right image contains no circles.",  # already left first
+                 "The right image contains more stars than the left image.",  # one clause about both
+                 "Both images contain a star or a circle.", "The right image contains a star."):  # fmt: skip
+        assert left_clause_first(same) == same
+
+
+def test_own_clause_first_gives_each_row_its_own_clause_first(tiny_world: Path, tmp_path: Path) -> None:
+    """``own_clause_first``: with ``own_frame``, both rows of a connective sentence (and of its
+    mirrored copy) start with the clause about their own image; other sentences are as
+    ``own_frame`` alone makes them."""
+    from vlpipe.config import TokenizerParams
+    from vlpipe.data.tokenizer import build_tokenizer, load_tokenizer
+    from vlpipe.stages.xvlm import make_pixel_collate
+    from vlpipe.tasks.base import Example
+    from vlpipe.tasks.nlvr2 import swap_sides
+
+    build_tokenizer(TokenizerParams(vocab_size=200), tiny_world, tmp_path)
+    tok, task = load_tokenizer(tmp_path), TASKS["nlvr2"](tiny_world)
+
+    def pixels(ids):
+        return {"pixel_values": torch.zeros(len(ids), 3, 4, 4)}
+
+    pair = Example(key="a", img_ids=("i0", "i1"), target=True,
+                   sent="The left image contains a star or the right image contains no circles.")  # fmt: skip
+    other = Example(key="b", img_ids=("i2", "i3"), sent="The left image contains a star.", target=False)
+    examples = [pair, other, *swap_sides([pair])]
+    got = make_pixel_collate(task, tok, pixels, max_length=24, own_frame=True, own_clause_first=True)(examples)
+    expected = ["The left image contains a star or the right image contains no circles.",  # left image's own
+                "The left image contains no circles or the right image contains a star.",  # right image's own
+                "The left image contains a star.", "The right image contains a star.",  # as own_frame alone
+                "The left image contains no circles or the right image contains a star.",  # mirrored: i1 first
+                "The left image contains a star or the right image contains no circles."]  # fmt: skip
+    ids = tok(expected, padding="longest", return_tensors="pt")["input_ids"]
+    assert torch.equal(got["inputs"]["input_ids"], ids)
+    with pytest.raises(ValueError, match="needs own_frame"):
+        make_pixel_collate(task, tok, pixels, max_length=24, own_clause_first=True)
+
+
 def test_mirror_swaps_spatial_words_in_question_and_answers_and_tags_the_copy() -> None:
     from vlpipe.tasks.base import Example
     from vlpipe.tasks.mirror import mirror_examples, swap_words

@@ -709,6 +709,43 @@ def test_answer_features_head_reads_the_vqa_models_answers_and_saves_and_loads(t
         XvlmFinetuneParams(task="vqa", answer_features=True)
 
 
+def test_symmetric_answer_features_head_ignores_the_row_order() -> None:
+    """``symmetric_head``: the classifier's logits are the mean of its two reads (rows as given
+    and swapped), so swapping a pair's rows leaves them unchanged; the same weights without the
+    option read the rows in a fixed order, and a model trained either way loads either way."""
+    from vlpipe.models.layers import AnswerHead
+    from vlpipe.models.xvlm import AnswerFeatureHead
+
+    torch.manual_seed(0)
+    hidden, answers = 8, 5
+    fixed = AnswerFeatureHead(AnswerHead(hidden, answers), hidden, answers).eval()
+    sym = AnswerFeatureHead(AnswerHead(hidden, answers), hidden, answers, symmetric=True).eval()
+    sym.load_state_dict(fixed.state_dict())  # no parameter of its own
+    pooled = torch.randn(3, 2 * hidden)  # (B, 2H): rows (left, right)
+    swapped = pooled.reshape(3, 2, hidden).flip(1).reshape(3, 2 * hidden)
+    with torch.no_grad():
+        assert not torch.allclose(fixed(pooled), fixed(swapped))  # a fixed-order read
+        torch.testing.assert_close(sym(pooled), sym(swapped))
+        torch.testing.assert_close(sym(pooled), (fixed(pooled) + fixed(swapped)) / 2)
+    with pytest.raises(ValueError, match="two rows"):
+        AnswerFeatureHead(AnswerHead(hidden, answers), hidden, answers, num_images=1, symmetric=True)
+
+
+def test_symmetric_head_is_refused_where_the_rows_are_not_interchangeable() -> None:
+    from pydantic import ValidationError
+
+    from vlpipe.config import XvlmFinetuneParams
+
+    ok = XvlmFinetuneParams(task="nlvr2", own_frame=True, answer_features=True, symmetric_head=True)
+    assert ok.symmetric_head
+    for bad in ({"own_frame": False, "answer_features": True}, {"own_frame": True, "answer_features": False},
+                {"own_frame": True, "answer_features": True, "pair_head": "tokens"}):  # fmt: skip
+        with pytest.raises(ValidationError, match="symmetric_head"):
+            XvlmFinetuneParams(task="nlvr2", symmetric_head=True, **bad)
+    with pytest.raises(ValidationError, match="symmetric_head"):
+        XvlmFinetuneParams(task="vqa", symmetric_head=True)
+
+
 def test_single_image_rows_of_a_two_image_encoder_read_only_their_own_image() -> None:
     """``single_image``: a row of the NLVR2 encoder reads its image as the VQA encoder does."""
     model = tiny_model(seed=7).eval()

@@ -939,6 +939,13 @@ class XvlmFinetuneParams(Strict):
         "other one. Each row then knows which of the sentence's claims are about its image, in words the "
         "model already reads (mark_sides says the same with a token type the model has never seen)",
     )
+    own_clause_first: bool = Field(
+        False,
+        description="NLVR2 with own_frame only: a row whose sentence joins one clause about each image by "
+        "'and' / 'or' reads the clause about its own image first ('A or B' is 'B or A'; "
+        "vlpipe.tasks.nlvr2.left_clause_first). With own_frame alone the right image's row meets its own "
+        "clause second, behind a claim about the other image",
+    )
     pair_fusion: Literal["concat", "twin", "own"] = Field(
         "concat",
         description="NLVR2 only: how the sentence reads its two images. concat: one cross-attention over both "
@@ -952,6 +959,13 @@ class XvlmFinetuneParams(Strict):
         description="NLVR2 from a VQA model only: the NLVR2 classifier also reads the answer logits that the "
         "VQA model's head (copied from start_from, trained on) gives each row, so what the VQA model answers "
         "(yes / no, counts) reaches the classifier directly (vlpipe.models.xvlm.AnswerFeatureHead)",
+    )
+    symmetric_head: bool = Field(
+        False,
+        description="NLVR2 with own_frame and answer_features only: the classifier reads the two rows in both "
+        "orders and averages its logits (vlpipe.models.xvlm.AnswerFeatureHead), so the label is a symmetric "
+        "function of the rows. With own_frame a pair and its mirrored copy are the same two rows in the other "
+        "order with the same label; a fixed-order classifier has to learn that from the mirrored pairs",
     )
     pair_head: Literal["cls", "tokens"] = Field(
         "cls",
@@ -1027,6 +1041,12 @@ class XvlmFinetuneParams(Strict):
             raise ValueError(f"text_assignment is NLVR2's domain pre-training, not for {self.task!r}")
         if self.answer_features and self.task != "nlvr2":
             raise ValueError(f"answer_features is for NLVR2 from a VQA model, not {self.task!r}")
+        if self.own_clause_first and not (self.task == "nlvr2" and self.own_frame):
+            raise ValueError("own_clause_first orders the clauses of own_frame's rows: it is for NLVR2 with own_frame")
+        if self.symmetric_head and not (self.task == "nlvr2" and self.own_frame and self.answer_features
+                                        and self.pair_head == "cls"):  # fmt: skip
+            raise ValueError("symmetric_head is for NLVR2 with own_frame, answer_features and pair_head cls "
+                             "(only then are a pair's two rows interchangeable)")
         if self.pair_head != "cls" and self.task != "nlvr2":
             raise ValueError(f"pair_head is for NLVR2 only, not {self.task!r}")
         if self.pair_head != "cls" and (self.pair_fusion != "concat" or self.vqa_per_pair):

@@ -1046,21 +1046,40 @@ class AnswerFeatureHead(nn.Module):
     Why: the VQA model's per-image answers decide most NLVR2 sentences of the world
     (``vlpipe probe-nlvr2``), but a fresh MLP on the pooled vectors alone has to find them again
     from 6000 pairs (README).
+
+    ``symmetric``: the classifier reads the rows in both orders and its two logits are averaged,
+    so the output is a symmetric function of the rows. That is the right prior when each row
+    reads the sentence from its own side (``own_frame``): a pair and its mirrored copy (images
+    and "left" / "right" swapped, same label) are then the same two rows in the other order, so
+    the label cannot depend on the order, and the classifier need not learn that from data.
+    No parameter is added: a model trained either way loads and runs either way.
     """
 
-    def __init__(self, answers: nn.Module, hidden_size: int, num_answers: int, num_images: int = 2):
+    def __init__(self, answers: nn.Module, hidden_size: int, num_answers: int, num_images: int = 2,
+                 symmetric: bool = False):  # fmt: skip
         super().__init__()
+        if symmetric and num_images != 2:
+            raise ValueError(f"a symmetric AnswerFeatureHead reads two rows, not {num_images}")
         self.hidden_size = hidden_size
         self.answers = answers
+        self.symmetric = symmetric
         from vlpipe.models.layers import AnswerHead
 
         self.classifier = AnswerHead(num_images * (hidden_size + num_answers), 2, hidden_dim=num_images * hidden_size)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         # (B, n * H) -> (B, 2)
+        b = pooled.shape[0]
         rows = pooled.reshape(-1, self.hidden_size)  # (B * n, H)
-        logits = self.answers(rows).reshape(pooled.shape[0], -1)  # (B, n * A)
-        return self.classifier(torch.cat([pooled, logits], dim=-1))
+        answers = self.answers(rows)  # (B * n, A)
+        x = torch.cat([pooled, answers.reshape(b, -1)], dim=-1)  # (B, n * (H + A))
+        if not self.symmetric:
+            return self.classifier(x)
+        h, a = self.hidden_size, answers.shape[-1]
+        # the same input with the two rows in the other order
+        swapped = torch.cat([pooled.reshape(b, 2, h).flip(1).reshape(b, 2 * h),
+                             answers.reshape(b, 2, a).flip(1).reshape(b, 2 * a)], dim=-1)  # fmt: skip
+        return self.classifier(torch.stack([x, swapped])).mean(0)  # (2, B, 2) -> (B, 2)
 
 
 class TokenPairHead(nn.Module):

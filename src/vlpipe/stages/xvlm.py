@@ -36,6 +36,9 @@ LEADERBOARD = Path("leaderboard")
 RUNS = Path("runs")  # persistent checkpoints (DVC `persist: true`) so a killed stage resumes
 LIVE = Path("dvclive")
 MODEL = "xvlm"
+# NLVR2 options that change how a trained model reads its pairs: task.json records them, and
+# submit refuses params that say otherwise (the model would read inputs it was not trained on)
+READING_OPTIONS = ("own_frame", "own_clause_first", "symmetric_head")
 
 
 # ------------------------------------------------------------------ visual source
@@ -351,22 +354,28 @@ def encoder_lr_scales(p: XvlmFinetuneParams, root: str) -> dict[str, float] | No
 
 def make_pixel_collate(
     task: Any, tokenizer: Any, visual: Callable[[Sequence[str]], dict[str, torch.Tensor]], max_length: int,
-    with_targets: bool = True, mark_sides: bool = False, own_frame: bool = False,
+    with_targets: bool = True, mark_sides: bool = False, own_frame: bool = False, own_clause_first: bool = False,
 ) -> Callable[[list[Example]], dict[str, Any]]:  # fmt: skip
     """Like :func:`vlpipe.tasks.base.make_collate` with pixels as the visual input: each example
     gives ``task.num_images`` rows (its sentence with each of its images), texts padded to the
     longest in the batch. ``mark_sides``: each row's token type is the index of its own image
     (NLVR2: row 0 reads the left image as its own, row 1 the right one). ``own_frame`` (NLVR2):
     the right image's row reads the sentence with "left" / "right" swapped, so that in every
-    row "the left image" is the row's own image."""
+    row "the left image" is the row's own image. ``own_clause_first`` (with ``own_frame``): a row
+    whose sentence joins a clause about each image reads its own image's clause first
+    (:func:`vlpipe.tasks.nlvr2.left_clause_first`)."""
     if own_frame and task.num_images != 2:
         raise ValueError(f"own_frame is for two-image tasks (NLVR2), not {task.name!r}")
-    from vlpipe.tasks.nlvr2 import swap_side_words
+    if own_clause_first and not own_frame:
+        raise ValueError("own_clause_first orders the clauses of own_frame's rows: it needs own_frame")
+    from vlpipe.tasks.nlvr2 import left_clause_first, swap_side_words
 
     def collate(batch: list[Example]) -> dict[str, Any]:
         sents = [ex.sent for ex in batch for _ in ex.img_ids]
         if own_frame:  # rows are (example, image) pairs: odd rows read the right image
             sents = [swap_side_words(s) if k % 2 else s for k, s in enumerate(sents)]
+        if own_clause_first:  # every row, mirrored pairs' first rows included
+            sents = [left_clause_first(s) for s in sents]
         text = tokenizer(sents, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
         types = text["token_type_ids"]  # (B * n, L), zeros
         if mark_sides:  # as make_collate's: rows are (example, image) pairs, row k reads image k % n
@@ -487,7 +496,7 @@ def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]
     else:
         model = nlvr2_or_task_model(p, task, encoder, root)
     collate = make_pixel_collate(task, tok, visual, encoder.max_text_length, mark_sides=p.mark_sides,
-                                 own_frame=p.own_frame)  # fmt: skip
+                                 own_frame=p.own_frame, own_clause_first=p.own_clause_first)  # fmt: skip
     train_ex, val_ex = task.examples("train"), task.examples("val")
     if p.swap_sides:
         from vlpipe.tasks.nlvr2 import swap_sides
@@ -522,6 +531,8 @@ def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]
         eval_fn=eval_fn, live_dir=root / LIVE / f"finetune-{key}", fingerprint=json.dumps({"key": key, "init": p.init, "start_from": p.start_from, "swap_sides": p.swap_sides, "freeze_vision": p.freeze_vision,
         **({"mark_sides": True} if p.mark_sides else {}),
         **({"own_frame": True} if p.own_frame else {}),
+        **({"own_clause_first": True} if p.own_clause_first else {}),
+        **({"symmetric_head": True} if p.symmetric_head else {}),
         **({"flip_images": True} if p.flip_images else {}),
         **({"pair_fusion": p.pair_fusion} if p.pair_fusion != "concat" else {}),
         **({"answer_features": True} if p.answer_features else {}),
@@ -645,7 +656,7 @@ def answer_feature_head(p: XvlmFinetuneParams, hidden_size: int, root: Path) -> 
     from vlpipe.models.xvlm import AnswerFeatureHead
 
     answers, n = vqa_answer_head(p, hidden_size, root)
-    return AnswerFeatureHead(answers, hidden_size, n)
+    return AnswerFeatureHead(answers, hidden_size, n, symmetric=p.symmetric_head)
 
 
 def vqa_answer_head(p: XvlmFinetuneParams, hidden_size: int, root: Path) -> tuple[Any, int]:
@@ -678,8 +689,9 @@ def save_task_model(model: Any, p: XvlmFinetuneParams, out_dir: Path) -> None:
             info["answer_features"] = int(model.head.answers.logit_fc[-1].out_features)
         if p.pair_head != "cls":
             info["pair_head"], info["pair_head_layers"] = p.pair_head, p.pair_head_layers
-        if p.own_frame:  # how the model reads its sentences: submit checks params against it
-            info["own_frame"] = True
+        for name in READING_OPTIONS:  # how the model reads its pairs: submit checks params against it
+            if getattr(p, name):
+                info[name] = True
         write_json(tmp / "task.json", info)
 
 
@@ -711,7 +723,8 @@ def load_task_model(model_dir: Path, task: Any) -> Any:
         from vlpipe.models.xvlm import AnswerFeatureHead
 
         n_answers = int(info["answer_features"])
-        head = AnswerFeatureHead(AnswerHead(encoder.hidden_size, n_answers), encoder.hidden_size, n_answers)
+        head = AnswerFeatureHead(AnswerHead(encoder.hidden_size, n_answers), encoder.hidden_size, n_answers,
+                                 symmetric=bool(info.get("symmetric_head", False)))  # fmt: skip
         model = TaskModel(encoder, head, task.num_images)
     else:
         model = TaskModel(encoder, task.build_head(encoder.hidden_size), task.num_images)
@@ -738,12 +751,15 @@ def submit(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]:
     task = make_task(p.task, root / WORLD)
     model_dir = root / FINETUNED / key
     model = load_task_model(model_dir, task)
-    if bool(read_json(model_dir / "task.json").get("own_frame", False)) != p.own_frame:
-        raise InputError(model_dir / "task.json", f"the model was fine-tuned with own_frame "
-                         f"{not p.own_frame}, params say {p.own_frame}: re-run finetune@{key}")  # fmt: skip
+    info = read_json(model_dir / "task.json")
+    for name in READING_OPTIONS:
+        if bool(info.get(name, False)) != getattr(p, name):
+            raise InputError(model_dir / "task.json", f"the model was fine-tuned with {name} "
+                             f"{not getattr(p, name)}, params say {getattr(p, name)}: re-run finetune@{key}")  # fmt: skip
     visual = PixelInputs(root / WORLD, model.encoder.vision.image_size)
     collate = make_pixel_collate(task, load_tokenizer(root / TOKENIZER), visual, model.encoder.max_text_length,
-                                 with_targets=False, mark_sides=p.mark_sides, own_frame=p.own_frame)  # fmt: skip
+                                 with_targets=False, mark_sides=p.mark_sides, own_frame=p.own_frame,
+                                 own_clause_first=p.own_clause_first)  # fmt: skip
     preds = predict_all(model, task, task.examples("test"), collate, p.eval_batch_size)
     with atomic_dir(root / LEADERBOARD / key) as tmp:
         task.write_submission(preds, tmp)
