@@ -5,6 +5,7 @@ the pixel source, and the X-VLM stages end to end on a tiny world."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -22,6 +23,9 @@ from vlpipe.eval.boxes import (
 )
 from vlpipe.eval.retrieval import retrieval_metrics, retrieval_ranks
 from vlpipe.io import read_json, write_json
+
+if TYPE_CHECKING:
+    from vlpipe.config import TrainParams
 
 
 @pytest.fixture(autouse=True)
@@ -323,11 +327,9 @@ def test_stages_pretrain_finetune_and_submit_on_a_tiny_world(tiny_root: Path) ->
     assert {"testA", "testB"} <= set(stage.submit("xvlm-refcoco", XvlmFinetuneParams(task="refcoco"), tiny_root)["test"])
 
 
-def test_nlvr2_multitasked_with_vqa_logs_both_losses_and_saves_a_plain_nlvr2_model(tiny_root: Path) -> None:
-    """``vqa_per_pair``: the stage trains NLVR2 with VQA questions beside it, logs both losses,
-    and writes an NLVR2 task model that ``submit`` (and ``load_task_model``) read as any other."""
-    from safetensors.torch import load_file
-
+def _tiny_vqa_model(root: Path) -> TrainParams:
+    """Pre-train a tiny X-VLM on ``root``'s world (once) and fine-tune it on VQA at
+    ``models/finetuned/xvlm-vqa`` (NLVR2's start); returns the tiny training settings."""
     from vlpipe.config import TrainParams, XvlmFinetuneParams, XvlmModelParams, XvlmPretrainParams
     from vlpipe.stages import xvlm as stage
 
@@ -335,9 +337,21 @@ def test_nlvr2_multitasked_with_vqa_logs_both_losses_and_saves_a_plain_nlvr2_mod
                             hidden_size=16, num_attention_heads=2, intermediate_size=32, text_layers=1,
                             fusion_layers=1, embed_dim=8)  # fmt: skip
     train = TrainParams(max_steps=2, batch_size=4, log_every=1)
-    if not (tiny_root / "models/pretrained/xvlm").is_dir():
-        stage.pretrain(XvlmPretrainParams(model=model, train=train, val_max_images=4), tiny_root)
-    stage.finetune("xvlm-vqa", XvlmFinetuneParams(task="vqa", train=train), tiny_root)
+    if not (root / "models/pretrained/xvlm").is_dir():
+        stage.pretrain(XvlmPretrainParams(model=model, train=train, val_max_images=4), root)
+    stage.finetune("xvlm-vqa", XvlmFinetuneParams(task="vqa", train=train), root)
+    return train
+
+
+def test_nlvr2_multitasked_with_vqa_logs_both_losses_and_saves_a_plain_nlvr2_model(tiny_root: Path) -> None:
+    """``vqa_per_pair``: the stage trains NLVR2 with VQA questions beside it, logs both losses,
+    and writes an NLVR2 task model that ``submit`` (and ``load_task_model``) read as any other."""
+    from safetensors.torch import load_file
+
+    from vlpipe.config import XvlmFinetuneParams
+    from vlpipe.stages import xvlm as stage
+
+    train = _tiny_vqa_model(tiny_root)
     p = XvlmFinetuneParams(task="nlvr2", start_from="models/finetuned/xvlm-vqa", answer_features=True,
                            vqa_per_pair=2, train=train)  # fmt: skip
     metrics = stage.finetune("xvlm-nlvr2-mt", p, tiny_root)
@@ -352,17 +366,10 @@ def test_nlvr2_reading_options_are_recorded_loaded_and_checked_by_submit(tiny_ro
     """``symmetric_head`` and ``own_clause_first``: the NLVR2 stage trains with them and records
     them in task.json, ``load_task_model`` rebuilds the head symmetric, and submit refuses params
     without either (the model would read pairs as it was not trained to)."""
-    from vlpipe.config import TrainParams, XvlmFinetuneParams, XvlmModelParams, XvlmPretrainParams
+    from vlpipe.config import XvlmFinetuneParams
     from vlpipe.stages import xvlm as stage
 
-    model = XvlmModelParams(vision_hidden_size=16, vision_layers=1, vision_heads=2, vision_intermediate_size=32,
-                            hidden_size=16, num_attention_heads=2, intermediate_size=32, text_layers=1,
-                            fusion_layers=1, embed_dim=8)  # fmt: skip
-    train = TrainParams(max_steps=2, batch_size=4, log_every=1)
-    if not (tiny_root / "models/pretrained/xvlm").is_dir():
-        stage.pretrain(XvlmPretrainParams(model=model, train=train, val_max_images=4), tiny_root)
-    if not (tiny_root / "models/finetuned/xvlm-vqa").is_dir():
-        stage.finetune("xvlm-vqa", XvlmFinetuneParams(task="vqa", train=train), tiny_root)
+    train = _tiny_vqa_model(tiny_root)
     p = XvlmFinetuneParams(task="nlvr2", start_from="models/finetuned/xvlm-vqa", answer_features=True,
                            own_frame=True, own_clause_first=True, pair_fusion="own", swap_sides=True,
                            symmetric_head=True, train=train)  # fmt: skip
