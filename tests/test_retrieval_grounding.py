@@ -384,6 +384,24 @@ def test_nlvr2_reading_options_are_recorded_loaded_and_checked_by_submit(tiny_ro
             stage.submit("xvlm-nlvr2-sym", p.model_copy(update={name: False}), tiny_root)
 
 
+def test_vqa_with_the_vision_cache_trains_as_without_it(tiny_root: Path) -> None:
+    """``vision_cache_mb``: the frozen image encoder's outputs come from the cache after the
+    first epoch, and the run's losses and val metrics are the uncached run's."""
+    from vlpipe.config import TrainParams, XvlmFinetuneParams
+    from vlpipe.stages import xvlm as stage
+
+    _tiny_vqa_model(tiny_root)  # the pre-trained model
+    train = TrainParams(epochs=2, batch_size=8, log_every=1)  # 2 epochs: the second reads the cache
+    runs = {mb: stage.finetune(f"xvlm-vqa-cache{mb}", XvlmFinetuneParams(task="vqa", train=train, freeze_vision=True,
+                                                                         vision_cache_mb=mb), tiny_root)
+            for mb in (0, 16)}  # fmt: skip
+    for k, v in runs[0]["train"].items():
+        if k not in ("grad_norm", "lr", "epoch"):
+            assert runs[16]["train"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    assert runs[16]["val"] == pytest.approx(runs[0]["val"], abs=1e-6)
+    assert "vision_cache" not in runs[0] and runs[16]["vision_cache"]["hit_rate"] > 0.4  # epoch 2 and val
+
+
 def test_ema_decay_saves_the_averaged_weights(tiny_root: Path) -> None:
     """``ema_decay``: the stage trains as before but saves the average of its iterates; a decay
     near 0 averages nothing and gives the plain run's weights back."""

@@ -746,6 +746,64 @@ def test_symmetric_head_is_refused_where_the_rows_are_not_interchangeable() -> N
         XvlmFinetuneParams(task="vqa", symmetric_head=True)
 
 
+def test_frozen_feature_cache_gives_the_modules_outputs_and_encodes_each_row_once() -> None:
+    from vlpipe.models.xvlm import FrozenFeatureCache
+
+    calls: list[int] = []
+
+    def module(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return x.flatten(1) * 2 + x.flatten(1).sum(1, keepdim=True)  # row-wise, (B, 6)
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(5, 2, 3, generator=g)
+    cache = FrozenFeatureCache(module, max_bytes=10**6)
+    first = images[[0, 1, 2, 1]]
+    got = cache(first)
+    assert calls == [3] and len(cache) == 3  # a repeated row is encoded once
+    torch.testing.assert_close(got, module(first))
+    second = images[[2, 3, 0, 4]]
+    got = cache(second)
+    assert calls[-1] == 2 and len(cache) == 5 and (cache.hits, cache.misses) == (3, 5)
+    torch.testing.assert_close(got, module(second))
+    n = len(calls)
+    got = cache(images)
+    assert len(calls) == n  # every row came from the cache
+    torch.testing.assert_close(got, module(images))
+    # at max_bytes it stops adding entries, and rows past the cap are computed every time
+    small = FrozenFeatureCache(module, max_bytes=2 * 6 * 4)  # two rows of 6 float32
+    torch.testing.assert_close(small(images), module(images))
+    assert len(small) == 2 and small.nbytes == 48
+    torch.testing.assert_close(small(images), module(images))
+
+
+def test_cached_frozen_vision_reads_as_the_encoder_and_refuses_a_trainable_one() -> None:
+    model = tiny_model(seed=3).train()  # train mode: the frozen encoder is used so in fine-tuning
+    model.vision.requires_grad_(False)
+    plain, cached = XvlmEncoder(model, num_images=2), XvlmEncoder(model, num_images=2)
+    cached.cache_frozen_vision(10**7)
+    b = batch()
+    args = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "pixel_values": b["pixel_values"]}
+    plain.eval(), cached.eval()  # text dropout off, so the two reads compare
+    with torch.no_grad():
+        torch.testing.assert_close(cached(**args), plain(**args))
+        torch.testing.assert_close(cached(**args), plain(**args))  # from the cache
+    assert cached.vision_cache is not None and cached.vision_cache.hits == B
+    assert not any(k.startswith("vision_cache") for k in cached.state_dict())  # checkpoints unchanged
+    with pytest.raises(ValueError, match="frozen image encoder"):
+        XvlmEncoder(tiny_model(seed=3)).cache_frozen_vision(10**7)
+
+
+def test_vision_cache_needs_a_frozen_image_encoder() -> None:
+    from pydantic import ValidationError
+
+    from vlpipe.config import XvlmFinetuneParams
+
+    assert XvlmFinetuneParams(task="vqa", freeze_vision=True, vision_cache_mb=64).vision_cache_mb == 64
+    with pytest.raises(ValidationError, match="vision_cache_mb"):
+        XvlmFinetuneParams(task="vqa", freeze_vision=False, vision_cache_mb=64)
+
+
 def test_single_image_rows_of_a_two_image_encoder_read_only_their_own_image() -> None:
     """``single_image``: a row of the NLVR2 encoder reads its image as the VQA encoder does."""
     model = tiny_model(seed=7).eval()

@@ -988,6 +988,14 @@ class XvlmFinetuneParams(Strict):
         "and head: the pixels then reach the task through fixed features, as LXMERT's detector features do. "
         "X-VLM's recipe fine-tunes everything",
     )
+    vision_cache_mb: int = Field(
+        0,
+        ge=0,
+        description="with freeze_vision only: keep the frozen image encoder's output for each distinct image, "
+        "up to this many MiB, so that each image is encoded once instead of every epoch "
+        "(vlpipe.models.xvlm.FrozenFeatureCache; the same features, computed once: 40-45% of a step here). "
+        "0: encode every image at every step",
+    )
     vision_lr_scale: float = Field(
         1.0,
         gt=0,
@@ -1041,6 +1049,8 @@ class XvlmFinetuneParams(Strict):
             raise ValueError(f"text_assignment is NLVR2's domain pre-training, not for {self.task!r}")
         if self.answer_features and self.task != "nlvr2":
             raise ValueError(f"answer_features is for NLVR2 from a VQA model, not {self.task!r}")
+        if self.vision_cache_mb and not self.freeze_vision:
+            raise ValueError("vision_cache_mb keeps a frozen image encoder's outputs: it needs freeze_vision")
         if self.own_clause_first and not (self.task == "nlvr2" and self.own_frame):
             raise ValueError("own_clause_first orders the clauses of own_frame's rows: it is for NLVR2 with own_frame")
         if self.symmetric_head and not (self.task == "nlvr2" and self.own_frame and self.answer_features

@@ -487,6 +487,8 @@ def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]
     tok = load_tokenizer(root / TOKENIZER)
     pre = load_for_finetuning(p, root)
     encoder = XvlmEncoder(pre, task.num_images)
+    if p.vision_cache_mb:  # freeze_vision: each image is encoded once
+        encoder.cache_frozen_vision(p.vision_cache_mb * 2**20)
     visual = PixelInputs(root / WORLD, pre.vision.image_size)
     domain: dict[str, Any] | None = None
     if p.text_assignment is not None:
@@ -545,6 +547,10 @@ def finetune_task(key: str, p: XvlmFinetuneParams, root: Path) -> dict[str, Any]
     save_task_model(result.model.nlvr2 if p.vqa_per_pair else result.model, p, root / FINETUNED / key)
     metrics = {"val": result.eval_metrics, "train": result.losses, "steps": result.step, "init": p.init,
                "samples_per_second": result.samples_per_second, "train_seconds": result.train_seconds}  # fmt: skip
+    if encoder.vision_cache is not None:
+        c = encoder.vision_cache
+        metrics["vision_cache"] = {"images": len(c), "mib": round(c.nbytes / 2**20, 1),
+                                   "hit_rate": round(c.hits / max(c.hits + c.misses, 1), 4)}  # fmt: skip
     if domain is not None:  # its wall time goes with the stage's timing, not into the metrics
         metrics["text_assignment_seconds"] = domain.pop("train_seconds")
         metrics["text_assignment"] = domain
