@@ -40,6 +40,12 @@ def test_repo_params_file_sets_every_default_key(repo_root: Path) -> None:
     assert not missing, f"params.yaml lacks keys: {sorted(missing)}"
 
 
+def test_repo_params_file_is_the_tiny_preset(repo_root: Path) -> None:
+    """The defaults in vlpipe.config (what ``vlpipe preset tiny`` writes) and params.yaml agree
+    value for value, so a default changed in one place is changed in both."""
+    assert load_params(repo_root / "params.yaml").model_dump(mode="json") == dump_defaults()
+
+
 def test_unknown_key_is_rejected_with_path(tmp_path: Path) -> None:
     data = dump_defaults()
     data["world"]["scene"]["n_trian"] = 5

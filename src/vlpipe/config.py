@@ -1215,7 +1215,8 @@ def _default_finetune() -> dict[str, FinetuneEntry]:
         # and the NLVR2 model started from it reaches 0.614 against 0.545 (README). 24 epochs
         # instead of 8: the frozen model underfits (16 epochs: 0.881 against 0.811).
         "xvlm-vqa": XvlmFinetuneParams(
-            task="vqa", freeze_vision=True, train=TrainParams(lr=3e-4, batch_size=64, epochs=24, eval_every=281)
+            task="vqa", freeze_vision=True, vision_cache_mb=1024,
+            train=TrainParams(lr=3e-4, batch_size=64, epochs=24, eval_every=281),
         ),
         # NLVR2 from the pre-trained model stayed at chance (0.507), also after 1 epoch of text
         # assignment (``text_assignment``, val 0.62 of 3 ways: 0.504). From the VQA model, as
@@ -1226,8 +1227,8 @@ def _default_finetune() -> dict[str, FinetuneEntry]:
         # right image's row reads the sentence with left / right swapped (``own_frame``), so every
         # row knows which claims are about its image: 0.801 and 0.803 against 0.770 and 0.747.
         "xvlm-nlvr2": XvlmFinetuneParams(
-            task="nlvr2", start_from="models/finetuned/xvlm-vqa", freeze_vision=True, swap_sides=True,
-            answer_features=True, pair_fusion="own", own_frame=True,
+            task="nlvr2", start_from="models/finetuned/xvlm-vqa", freeze_vision=True, vision_cache_mb=1024,
+            swap_sides=True, answer_features=True, pair_fusion="own", own_frame=True,
             train=TrainParams(lr=3e-4, batch_size=64, epochs=6, eval_every=187),
         ),
     }
