@@ -207,7 +207,7 @@ def test_own_frame_makes_the_left_image_of_every_row_its_own(tiny_world: Path, t
 
 
 def test_left_clause_first_commutes_the_two_image_clauses_only() -> None:
-    from vlpipe.tasks.nlvr2 import left_clause_first
+    from vlpipe.stages.xvlm import left_clause_first
 
     assert left_clause_first("The right image contains a star or the left image contains no red circles.") == (
         "The left image contains no red circles or the right image contains a star."

@@ -943,7 +943,7 @@ class XvlmFinetuneParams(Strict):
         False,
         description="NLVR2 with own_frame only: a row whose sentence joins one clause about each image by "
         "'and' / 'or' reads the clause about its own image first ('A or B' is 'B or A'; "
-        "vlpipe.tasks.nlvr2.left_clause_first). With own_frame alone the right image's row meets its own "
+        "vlpipe.stages.xvlm.left_clause_first). With own_frame alone the right image's row meets its own "
         "clause second, behind a claim about the other image",
     )
     pair_fusion: Literal["concat", "twin", "own"] = Field(

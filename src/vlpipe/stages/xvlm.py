@@ -11,6 +11,7 @@ Each ``run_*`` reads params.yaml and calls the function of the same name without
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -363,12 +364,12 @@ def make_pixel_collate(
     the right image's row reads the sentence with "left" / "right" swapped, so that in every
     row "the left image" is the row's own image. ``own_clause_first`` (with ``own_frame``): a row
     whose sentence joins a clause about each image reads its own image's clause first
-    (:func:`vlpipe.tasks.nlvr2.left_clause_first`)."""
+    (:func:`left_clause_first`)."""
     if own_frame and task.num_images != 2:
         raise ValueError(f"own_frame is for two-image tasks (NLVR2), not {task.name!r}")
     if own_clause_first and not own_frame:
         raise ValueError("own_clause_first orders the clauses of own_frame's rows: it needs own_frame")
-    from vlpipe.tasks.nlvr2 import left_clause_first, swap_side_words
+    from vlpipe.tasks.nlvr2 import swap_side_words
 
     def collate(batch: list[Example]) -> dict[str, Any]:
         sents = [ex.sent for ex in batch for _ in ex.img_ids]
@@ -393,6 +394,24 @@ def make_pixel_collate(
         return out
 
     return collate
+
+
+# "the right image <clause> and|or the left image <clause>": two clauses, one about each image
+_RIGHT_THEN_LEFT = re.compile(r"^([Tt])he right image (.+?) (and|or) the left image (.+?)([.!]?)$")
+
+
+def left_clause_first(sentence: str) -> str:
+    """``sentence`` with its clause about the left image first, where it joins one clause about
+    each image by "and" / "or": "The right image contains A or the left image contains B." ->
+    "The left image contains B or the right image contains A." Both connectives commute, so the
+    claim is the same; other sentences come back unchanged. With ``own_frame`` (where "the left
+    image" is the row's own image) every row then meets its own clause first, where the VQA model
+    it starts from reads a statement's subject."""
+    m = _RIGHT_THEN_LEFT.match(sentence)
+    if m is None:
+        return sentence
+    cap, right, conn, left, end = m.groups()
+    return f"{cap}he left image {left} {conn} the right image {right}{end}"
 
 
 def with_flips(collate: Callable[[list[Example]], dict[str, Any]]) -> Callable[[list[Example]], dict[str, Any]]:

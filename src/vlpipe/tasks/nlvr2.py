@@ -33,24 +33,6 @@ def swap_side_words(sentence: str) -> str:
     return _SIDE.sub(lambda m: _OTHER_SIDE[m.group(1)], sentence)
 
 
-# "the right image <clause> and|or the left image <clause>": two clauses, one about each image
-_RIGHT_THEN_LEFT = re.compile(r"^([Tt])he right image (.+?) (and|or) the left image (.+?)([.!]?)$")
-
-
-def left_clause_first(sentence: str) -> str:
-    """``sentence`` with its clause about the left image first, where it joins one clause about
-    each image by "and" / "or": "The right image contains A or the left image contains B." ->
-    "The left image contains B or the right image contains A." Both connectives commute, so the
-    claim is the same; other sentences come back unchanged. With ``own_frame`` (where "the left
-    image" is the row's own image) every row then meets its own clause first, where the VQA model
-    it starts from reads a statement's subject."""
-    m = _RIGHT_THEN_LEFT.match(sentence)
-    if m is None:
-        return sentence
-    cap, right, conn, left, end = m.groups()
-    return f"{cap}he left image {left} {conn} the right image {right}{end}"
-
-
 def swap_sides(examples: Sequence[Example]) -> list[Example]:
     """Each pair mirrored: images swapped and "left" / "right" swapped in the sentence, which
     keeps its truth value (the label is unchanged). Keys get a ``-swapped`` suffix.
